@@ -1,0 +1,56 @@
+"""The ``thinktree`` command line.
+
+    thinktree train  --config recipes/quickstart.yaml [section.field=value ...]
+    thinktree search --config recipes/quickstart.yaml [--split test] [section.field=value ...]
+
+Also runs under accelerate: ``accelerate launch -m thinktree.trainer.cli train --config recipes/X.yaml``.
+Any config field can be overridden after the options, as ``search.num_simulations=32`` or
+``--search.num_simulations 32``; unknown fields are an error that names them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from thinktree.trainer.config import ConfigError, load_config
+
+COMMANDS = {
+    "train": "run a recipe: warm start, rounds of search → signals → training, evaluation",
+    "search": "search a task split with the recipe's policy and method; write trees and a summary",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="thinktree", description="MCTS reasoning trainer")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("--config", "-c", default=None, help="recipe YAML (defaults apply when omitted)")
+        if name == "search":
+            s.add_argument("--split", default="test", choices=["train", "test"], help="task split to search")
+            s.add_argument("--limit", type=int, default=None, help="search at most this many prompts")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = _parser().parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"thinktree: config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "train":
+        from thinktree.trainer.rounds import run_train
+
+        run_train(cfg)
+    elif args.command == "search":
+        from thinktree.trainer.searching import run_search_command
+
+        run_search_command(cfg, split=args.split, limit=args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

