@@ -2,6 +2,8 @@
 
     thinktree train  --config recipes/quickstart.yaml [section.field=value ...]
     thinktree search --config recipes/quickstart.yaml [--split test] [section.field=value ...]
+    thinktree eval   --config recipes/quickstart.yaml [--checkpoint DIR] [--methods greedy,mcts] [--prm DIR]
+    thinktree view   runs/X/round-01/trees.jsonl [--out trees.html] [--signals signals.jsonl]
 
 Also runs under accelerate: ``accelerate launch -m thinktree.trainer.cli train --config recipes/X.yaml``.
 Any config field can be overridden after the options, as ``search.num_simulations=32`` or
@@ -18,23 +20,47 @@ from thinktree.trainer.config import ConfigError, load_config
 COMMANDS = {
     "train": "run a recipe: warm start, rounds of search → signals → training, evaluation",
     "search": "search a task split with the recipe's policy and method; write trees and a summary",
+    "eval": "accuracy of a policy or checkpoint under named search methods, with tokens and time",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="thinktree", description="MCTS reasoning trainer")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "view", help="render a tree store (trees.jsonl) as a self-contained HTML page", add_help=False
+    )
     for name, help_text in COMMANDS.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("--config", "-c", default=None, help="recipe YAML (defaults apply when omitted)")
         if name == "search":
             s.add_argument("--split", default="test", choices=["train", "test"], help="task split to search")
             s.add_argument("--limit", type=int, default=None, help="search at most this many prompts")
+        if name == "eval":
+            s.add_argument(
+                "--split", default="test", choices=["train", "test"], help="task split to evaluate"
+            )
+            s.add_argument(
+                "--checkpoint", default=None, help="model directory to evaluate (default: recipe's)"
+            )
+            s.add_argument("--methods", default=None, help="comma-separated methods (default: eval.methods)")
+            s.add_argument("--prm", default=None, help="process reward model directory (value function)")
+            s.add_argument(
+                "--out", default=None, help="output JSON (default: <output.dir>/eval-<split>.json)"
+            )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["view"]:  # the viewer takes no recipe: it reads a tree store
+        from thinktree.trainer.view import view_main
+
+        try:
+            return view_main(argv[1:])
+        except FileNotFoundError as e:
+            print(f"thinktree view: {e}", file=sys.stderr)
+            return 2
     args, overrides = _parser().parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -49,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         from thinktree.trainer.searching import run_search_command
 
         run_search_command(cfg, split=args.split, limit=args.limit)
+    elif args.command == "eval":
+        from thinktree.trainer.evaluate import run_eval_command
+
+        methods = args.methods.split(",") if args.methods else None
+        try:
+            run_eval_command(
+                cfg, checkpoint=args.checkpoint, split=args.split, methods=methods, prm=args.prm, out=args.out
+            )
+        except ConfigError as e:
+            print(f"thinktree eval: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

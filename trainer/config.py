@@ -127,6 +127,38 @@ class TrainConfig:
     """Gradient clipping norm."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    loss_type: str = "dapo"
+    """Loss normalisation: grpo (per-sequence mean), dr_grpo (sum / (batch x max len)), dapo (token mean)."""
+    num_iterations: int = 1
+    """Optimiser passes over each round's records (GRPO mu, PPO epochs); > 1 reuses the rollout logprobs."""
+    clip_coef_high: float | None = None
+    """Upper ratio clip epsilon (DAPO clip-higher); null = clip_coef."""
+    max_completion_length: int | None = None
+    """dr_grpo normalising constant; null = the longest completion of the step's batch."""
+    gamma: float = 1.0
+    """PPO discount per reasoning step."""
+    gae_lambda: float = 0.95
+    """PPO GAE lambda over reasoning steps."""
+    vf_coef: float = 0.1
+    """PPO value-loss coefficient."""
+    cliprange_value: float = 0.2
+    """PPO value clipping range around the old values."""
+    norm_adv: bool = True
+    """PPO: whiten the GAE advantages over the round's trained tokens."""
+    lr_scheduler_type: str = "constant"
+    """transformers LR scheduler name (constant, constant_with_warmup, linear, cosine)."""
+    warmup_steps: int = 0
+    """LR warm-up steps."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on CUDA when supported, none on CPU), no, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    log_entropy: bool = True
+    """Log train/entropy (an extra no-grad softmax over the vocabulary per micro-batch)."""
+    save_steps: int = 0
+    """Save a resumable training checkpoint every N optimiser steps (0 = only at the end of the round)."""
+    save_total_limit: int = 2
+    """Resumable training checkpoints kept per round (oldest deleted first)."""
 
 
 @dataclass

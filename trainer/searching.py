@@ -35,7 +35,9 @@ __all__ = [
     "run_search_command",
 ]
 
-METHODS = ("mcts", "greedy", "best_of_n", "step_beam")
+METHODS = ("greedy", "self_consistency", "best_of_n", "weighted_bon", "step_beam", "mcts")
+"""Named search methods. best_of_n picks the sample the value function scores highest (majority vote, i.e.
+self-consistency, when no value function is given); weighted_bon weights the votes by the value function."""
 _NOT_META = ("prompt", "question", "solution")
 
 
@@ -104,11 +106,18 @@ def run_method(
         )  # fmt: skip
     if method == "greedy":
         return greedy(prompts, proposer, outcome_fn, rng=rng, max_depth=cfg.max_depth, answer_fn=answer_fn)
-    if method == "best_of_n":
+    if method in ("self_consistency", "best_of_n", "weighted_bon"):
+        selection = {
+            "self_consistency": "majority",
+            "best_of_n": "best_value",
+            "weighted_bon": "weighted_vote",
+        }
+        selection = selection[method] if value_fn is not None else "majority"
+        if method == "weighted_bon" and value_fn is None:
+            raise ValueError("method weighted_bon needs a value function (a PRM)")
         return best_of_n(
             prompts, proposer, outcome_fn, n=cfg.num_samples, rng=rng, max_depth=cfg.max_depth,
-            answer_fn=answer_fn, value_fn=value_fn,
-            answer_selection="majority" if value_fn is None else "weighted_vote",
+            answer_fn=answer_fn, value_fn=value_fn, answer_selection=selection,
         )  # fmt: skip
     if method == "step_beam":
         return step_beam(
@@ -119,7 +128,11 @@ def run_method(
 
 
 def summarize(results: Sequence[SearchResult], wall_s: float | None = None) -> dict[str, Any]:
-    """Accuracy of the chosen answers and the compute spent (tokens, forward passes, throughput)."""
+    """Accuracy of the chosen answers and the compute spent (tokens, forward passes, throughput).
+
+    ``pass_at_k``: the fraction of prompts with at least one correct finished solution anywhere in the tree (for
+    best-of-N that is pass@N; for MCTS and beam, the coverage of the search).
+    """
     n = len(results)
     rewards = [r.reward or 0.0 for r in results]
     tokens = sum(r.budget.generated_tokens for r in results)
@@ -127,9 +140,13 @@ def summarize(results: Sequence[SearchResult], wall_s: float | None = None) -> d
     backend: dict[str, float] = {}
     for r in results[:1]:  # backend counters are shared by all trees of one call
         backend = dict(r.budget.backend)
+    covered = sum(
+        1 for r in results if any((r.tree.nodes[i].reward or 0.0) >= 0.5 for i in r.tree.terminal_leaves())
+    )
     return {
         "num_prompts": n,
         "accuracy": sum(1 for x in rewards if x >= 0.5) / n if n else 0.0,
+        "pass_at_k": covered / n if n else 0.0,
         "mean_reward": sum(rewards) / n if n else 0.0,
         "generated_tokens": tokens,
         "tokens_per_prompt": tokens / n if n else 0.0,
