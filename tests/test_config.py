@@ -36,7 +36,9 @@ def test_round_trip(tmp_path):
 
 
 def test_unknown_key_names_it_and_suggests():
-    with pytest.raises(ConfigError, match=r"unknown key search\.'num_simulation'.*did you mean 'num_simulations'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key search\.'num_simulation'.*did you mean 'num_simulations'"
+    ):
         config_from_dict({"search": {"num_simulation": 3}})
     with pytest.raises(ConfigError, match="unknown key 'modle'"):
         config_from_dict({"modle": {}})
@@ -55,7 +57,9 @@ def test_type_errors_name_the_field():
 
 
 def test_overrides_parse_yaml_values_and_dash_form():
-    items = normalise_cli_overrides(["--search.c_puct", "2.5", "--task.kwargs={ops: [2, 2]}", "model.lora=null"])
+    items = normalise_cli_overrides(
+        ["--search.c_puct", "2.5", "--task.kwargs={ops: [2, 2]}", "model.lora=null"]
+    )
     cfg = load_config(None, items)
     assert cfg.search.c_puct == 2.5 and isinstance(cfg.search, SearchConfig)
     assert cfg.task.kwargs == {"ops": [2, 2]}

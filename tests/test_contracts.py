@@ -18,7 +18,9 @@ HEAVY = ("torch", "transformers", "trl", "accelerate", "deepspeed", "peft")
 
 def _loaded_after(statement: str) -> set[str]:
     code = f"import sys; {statement}; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     return set(out.stdout.split())
 
 
@@ -45,7 +47,9 @@ def test_import_linter_contracts_hold():
 def test_import_linter_catches_a_forbidden_import(tmp_path):
     """A contract that cannot fail proves nothing: plant a forbidden import in a copy and watch it break."""
     copy = tmp_path / "proj"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT, copy, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "__pycache__", "*.egg-info")
+    )
     bad = copy / "rewards" / "tasks" / "arith.py"
     bad.write_text("import thinktree.trainer.config  # noqa\n" + bad.read_text())
     # point the namespace at the copy so grimp analyses the planted import
