@@ -221,8 +221,28 @@ def _select_wave(state: _TreeState, ctx: _Context) -> list[list[int]]:
     return paths
 
 
-def _evaluate(states: list[_TreeState], leaves: list[tuple[int, int]], ctx: _Context) -> list[float]:
-    """Values of the wave's leaves: one batched rollout loop, one outcome_fn call and one value_fn call."""
+def _rollout_starts(trajs, roll_ks, first_steps) -> list[Trajectory]:
+    """The prefixes rollouts continue from: the j-th rollout of a just-expanded leaf starts with the leaf's j-th
+    sampled step (a sample from the policy at that leaf, already paid for by the expansion), so no step is generated
+    twice and the expansion call does the rollouts' first step; other leaves start from themselves."""
+    starts, seen = [], {}
+    for k in roll_ks:
+        j = seen[k] = seen.get(k, -1) + 1
+        steps = first_steps.get(k) or []
+        starts.append(trajs[k].extend(steps[j % len(steps)]) if steps else trajs[k])
+    return starts
+
+
+def _evaluate(
+    states: list[_TreeState],
+    leaves: list[tuple[int, int]],
+    ctx: _Context,
+    first_steps: dict[int, list] | None = None,
+) -> list[float]:
+    """Values of the wave's leaves: one batched rollout loop, one outcome_fn call and one value_fn call.
+
+    ``first_steps[k]``: the steps sampled when leaf ``k`` was expanded in this wave (rollouts reuse them).
+    """
     cfg, meter = ctx.config, ctx.meter
     nodes = [states[i].tree.nodes[leaf] for i, leaf in leaves]
     trajs = [states[i].tree.trajectory(leaf) for i, leaf in leaves]
@@ -232,7 +252,7 @@ def _evaluate(states: list[_TreeState], leaves: list[tuple[int, int]], ctx: _Con
     rollouts = rollout_batch(
         meter,
         [leaves[k][0] for k in roll_ks],
-        [trajs[k] for k in roll_ks],
+        _rollout_starts(trajs, roll_ks, first_steps or {}),
         [states[leaves[k][0]].rng for k in roll_ks],
         cfg.max_depth,
     )
@@ -271,9 +291,12 @@ def _run_wave(states: list[_TreeState], sims: list[tuple[int, list[int]]], ctx: 
     seeds = [draw_seed(states[i].rng) for i, _ in open_sims]
     prefixes = [states[i].tree.trajectory(leaf) for i, leaf in open_sims]
     proposals = ctx.meter.propose([i for i, _ in open_sims], prefixes, cfg.num_children, seeds)
+    first_steps: dict[int, list] = {}
+    where = {sim: k for k, sim in enumerate((i, path[-1]) for i, path in sims)}
     for (i, leaf), steps in zip(open_sims, proposals):
         expand(states[i].tree, leaf, steps, cfg.max_depth)
-    values = _evaluate(states, [(i, path[-1]) for i, path in sims], ctx)
+        first_steps[where[(i, leaf)]] = list(steps)
+    values = _evaluate(states, [(i, path[-1]) for i, path in sims], ctx, first_steps)
     for (i, path), value in zip(sims, values):
         add_virtual_loss(states[i].tree, path, -1)
         backup(states[i].tree, path, value)

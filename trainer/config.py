@@ -42,6 +42,7 @@ __all__ = [
     "RoundsConfig",
     "EvalConfig",
     "OutputConfig",
+    "AblateConfig",
     "RecipeConfig",
     "load_config",
     "apply_overrides",
@@ -127,6 +128,12 @@ class TrainConfig:
     """Gradient clipping norm."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    advantage: str = "treerl"
+    """GRPO/PPO rounds: per-step advantage from the tree (treerl, treerpo, grpo)."""
+    dpo_beta: float = 0.1
+    """DPO rounds: β of the DPO loss."""
+    pair_min_margin: float = 0.1
+    """DPO rounds: minimum Q gap of a sibling step pair."""
     loss_type: str = "dapo"
     """Loss normalisation: grpo (per-sequence mean), dr_grpo (sum / (batch x max len)), dapo (token mean)."""
     num_iterations: int = 1
@@ -204,6 +211,16 @@ class OutputConfig:
 
 
 @dataclass
+class AblateConfig:
+    cells: list = field(default_factory=list)
+    """Grid cells for `thinktree ablate`: {method: M, <field>: value or [values]}, each a cartesian product."""
+    prm: str | None = None
+    """Process reward model directory: the value function of value-based cells (null = none; --prm overrides)."""
+    warm_start_steps: int = 0
+    """SFT steps on the task's solutions before the grid (lr, batch from rounds.warm_start; cached); 0 = none."""
+
+
+@dataclass
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -212,6 +229,7 @@ class RecipeConfig:
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
     seed: int = 0
     """Seed of every RNG in the run (data, search, training)."""
 

@@ -28,28 +28,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets import Dataset
 
 from thinktree.rewards import get_task
 from thinktree.search.store import TreeStore, search_resumable
+from thinktree.trainer.algos.dpo import DPOSettings, train_dpo
 from thinktree.trainer.algos.sft import SFTSettings, train_sft
 from thinktree.trainer.config import ConfigError, RecipeConfig
 from thinktree.trainer.evaluate import evaluate_policy
 from thinktree.trainer.outputs import prepare_output_dir, write_json_atomic
 from thinktree.trainer.reporting import Reporter
 from thinktree.trainer.searching import make_outcome_fn, make_prompts, make_proposer, run_method
+from thinktree.trainer.signals.pairs import step_pairs
 from thinktree.trainer.signals.traces import sft_traces
 
 log = logging.getLogger("thinktree")
 
-ROUND_ALGOS = ("sft",)
-"""Policy algorithms the round pipeline runs today."""
-
 
 def _check_recipe(cfg: RecipeConfig) -> None:
-    if cfg.rounds.num_rounds > 0 and cfg.train.algo not in ROUND_ALGOS:
+    if cfg.rounds.num_rounds > 0 and cfg.train.algo not in ROUND_TRAINERS:
         raise ConfigError(
-            f"train.algo={cfg.train.algo!r} is not available in the round pipeline yet (available: "
-            f"{ROUND_ALGOS}); tree-GRPO / PPO / step-DPO training is an open issue"
+            f"train.algo={cfg.train.algo!r} is not available in the round pipeline (available: {sorted(ROUND_TRAINERS)})"
         )
     if cfg.rounds.warm_start.algo not in ("none", "sft"):
         raise ConfigError(
@@ -135,21 +134,49 @@ def _search_round(cfg, model, tokenizer, task, prompts, out: Path, seed: int) ->
     }
 
 
-def _train_round(cfg, model, tokenizer, out: Path) -> dict:
-    trees = TreeStore(out / "trees.jsonl").load()
-    records = sft_traces(trees, k=cfg.rounds.traces_per_tree)
+def _write_signals(out: Path, records: list[dict]) -> None:
     with open(out / "signals.jsonl", "w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
-    info: dict[str, Any] = {"sft_traces": len(records)}
-    if not records:
-        log.warning("round: no correct trace in %d trees; the policy is not updated this round", len(trees))
-        return info
-    from datasets import Dataset
 
-    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
-    metrics = train_sft(model, tokenizer, data, _sft_settings(cfg, warm=False), out / "trainer")
-    info["train_loss"] = metrics.get("train_loss")
+
+def _train_sft_round(cfg, model, tokenizer, trees, out: Path) -> dict:
+    """rStar-Math / rejection-sampling round: SFT on the top-k correct traces of each tree."""
+    records = sft_traces(trees, k=cfg.rounds.traces_per_tree)
+    _write_signals(out, records)
+    info: dict[str, Any] = {"sft_traces": len(records)}
+    if records:
+        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+        metrics = train_sft(model, tokenizer, data, _sft_settings(cfg, warm=False), out / "trainer")
+        info["train_loss"] = metrics.get("train_loss")
+    return info
+
+
+def _train_dpo_round(cfg, model, tokenizer, trees, out: Path) -> dict:
+    """MCTS-DPO round: step-level DPO on sibling step pairs (best vs worst by Q), confidence-weighted."""
+    records = step_pairs(trees, min_margin=cfg.train.pair_min_margin, rng=np.random.default_rng(cfg.seed))
+    _write_signals(out, records)
+    info: dict[str, Any] = {"step_pairs": len(records)}
+    if records:
+        t = cfg.train
+        settings = DPOSettings(
+            beta=t.dpo_beta, learning_rate=t.learning_rate, steps=t.steps, per_device_batch_size=t.per_device_batch_size,
+            grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, seed=cfg.seed,
+        )  # fmt: skip
+        metrics = train_dpo(model, tokenizer, records, settings, out / "trainer")
+        info["train_loss"] = metrics.get("train_loss")
+    return info
+
+
+ROUND_TRAINERS = {"sft": _train_sft_round, "dpo": _train_dpo_round}
+"""Round training stage per ``train.algo``: (cfg, model, tokenizer, trees, round dir) → record for the summary."""
+
+
+def _train_round(cfg, model, tokenizer, out: Path) -> dict:
+    trees = TreeStore(out / "trees.jsonl").load()
+    info = ROUND_TRAINERS[cfg.train.algo](cfg, model, tokenizer, trees, out)
+    if not any(v for k, v in info.items() if k in ("sft_traces", "step_pairs", "advantage_tokens")):
+        log.warning("round: no training signal in %d trees; the policy is not updated this round", len(trees))
     return info
 
 
@@ -167,9 +194,10 @@ def run_train(cfg: RecipeConfig) -> dict:
         if checkpoint:
             break
     model, tokenizer = _load(cfg, checkpoint)
-    train_rows = task.load("train", n=cfg.task.train_size, seed=cfg.seed)
+    needs_train = cfg.rounds.num_rounds > 0 or cfg.rounds.warm_start.algo != "none"
+    train_rows = task.load("train", n=cfg.task.train_size, seed=cfg.seed) if needs_train else None
     eval_rows = task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
-    train_prompts = make_prompts(task, train_rows, tokenizer, cfg.model.use_chat_template)
+    train_prompts = make_prompts(task, train_rows, tokenizer, cfg.model.use_chat_template) if needs_train else []
     eval_prompts = make_prompts(task, eval_rows, tokenizer, cfg.model.use_chat_template)
 
     if cfg.rounds.warm_start.algo == "sft" and not stages.get("warm_start"):
@@ -177,8 +205,6 @@ def run_train(cfg: RecipeConfig) -> dict:
             raise ConfigError(f"task {task.name!r} has no worked solutions for an SFT warm start")
         start = time.perf_counter()
         data = [{"prompt": p.prompt, "completion": s} for p, s in zip(train_prompts, train_rows["solution"])]
-        from datasets import Dataset
-
         metrics = train_sft(
             model, tokenizer, Dataset.from_list(data), _sft_settings(cfg, warm=True), out / "ws"
         )
