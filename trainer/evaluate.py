@@ -18,7 +18,8 @@ import numpy as np
 
 from thinktree.search.types import Trajectory
 from thinktree.trainer.config import ConfigError, RecipeConfig
-from thinktree.trainer.searching import make_outcome_fn, make_proposer, run_method, summarize
+from thinktree.trainer.distributed import Topology
+from thinktree.trainer.searching import make_outcome_fn, make_proposer, merge_summaries, run_method, summarize
 
 __all__ = ["evaluate_policy"]
 
@@ -33,8 +34,14 @@ def evaluate_policy(
     methods: Sequence[str] | None = None,
     seed: int = 0,
     value_fn=None,
+    topo: Topology | None = None,
 ) -> dict[str, dict]:
-    """Accuracy and compute of each method on ``prompts`` (one batched search call per method)."""
+    """Accuracy and compute of each method on ``prompts`` (one batched search call per method).
+
+    With a multi-process ``topo`` each rank evaluates its shard of the prompts and the summaries are merged.
+    """
+    topo = topo or Topology()
+    prompts = topo.shard(prompts)
     search_cfg = cfg.search
     if cfg.eval.max_depth is not None:
         search_cfg = dataclasses.replace(search_cfg, max_depth=cfg.eval.max_depth)
@@ -49,7 +56,7 @@ def evaluate_policy(
             method, prompts, proposer, outcome_fn, search_cfg, np.random.default_rng(seed),
             answer_fn=task.extract_answer, value_fn=value_fn,
         )  # fmt: skip
-        out[method] = summarize(results, wall_s=time.perf_counter() - start)
+        out[method] = merge_summaries(topo.gather(summarize(results, wall_s=time.perf_counter() - start)))
     model.train(was_training)
     return out
 

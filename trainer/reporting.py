@@ -18,7 +18,8 @@ log = logging.getLogger("thinktree")
 __all__ = ["Reporter", "flat_metrics", "format_table"]
 
 _SEARCH_KEYS = ("generated_tokens", "search_time_s", "leaf_reward_mean", "search_accuracy", "reused_trees")
-_TRAIN_KEYS = ("sft_traces", "train_loss")
+_SIGNAL_KEYS = ("traces", "pairs", "advantage_records", "advantage_tokens", "nonzero_advantage_tokens")
+_NOT_TRAIN = (*_SEARCH_KEYS, *_SIGNAL_KEYS, "round", "eval", "eval_time_s", "checkpoint", "trees", "stepwise")
 
 
 def flat_metrics(row: dict) -> dict[str, float]:
@@ -30,16 +31,26 @@ def flat_metrics(row: dict) -> dict[str, float]:
     for k in _SEARCH_KEYS:
         if row.get(k) is not None:
             out[f"search/{k}"] = float(row[k])
-    for k in _TRAIN_KEYS:
-        if row.get(k) is not None:
-            out[f"train/{k}"] = float(row[k])
+    for k in _SIGNAL_KEYS:
+        if row.get(k):
+            out[f"signals/{k}"] = float(row[k])
+    for k, v in row.items():
+        if k not in _NOT_TRAIN and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"train/{k}"] = float(v)
     return out
+
+
+def _signals(row: dict) -> str:
+    for k, label in (("traces", "traces"), ("pairs", "pairs"), ("advantage_tokens", "adv tok")):
+        if row.get(k):
+            return f"{row[k]} {label}"
+    return "-" if "trees" not in row else "0"
 
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table: one line per round, accuracy per method, tokens, traces, time."""
     methods = sorted({m for r in rows for m in r.get("eval", {})})
-    head = ["round"] + [f"acc[{m}]" for m in methods] + ["search tok", "traces", "eval s"]
+    head = ["round"] + [f"acc[{m}]" for m in methods] + ["search tok", "signals", "eval s"]
     lines = [" | ".join(f"{h:>12}" for h in head)]
     for r in rows:
         cells = [str(r["round"])]
@@ -56,10 +67,10 @@ def format_table(rows: list[dict]) -> str:
 class Reporter:
     """Collects round rows; logs each to TensorBoard (if configured) and writes the final summary and plot."""
 
-    def __init__(self, out: Path, cfg: RecipeConfig) -> None:
-        self.out, self.cfg, self.rows = out, cfg, []
+    def __init__(self, out: Path, cfg: RecipeConfig, enabled: bool = True) -> None:
+        self.out, self.cfg, self.rows, self.enabled = out, cfg, [], enabled
         self.tracker = None
-        if "tensorboard" in cfg.output.report_to:
+        if enabled and "tensorboard" in cfg.output.report_to:
             from accelerate.tracking import TensorBoardTracker
 
             self.tracker = TensorBoardTracker("tensorboard", str(out))
@@ -70,7 +81,8 @@ class Reporter:
         self.rows.append(row)
         if self.tracker is not None:
             self.tracker.log(flat_metrics(row), step=row["round"])
-        log.info("round %d:\n%s", row["round"], format_table([row]))
+        if self.enabled:
+            log.info("round %d:\n%s", row["round"], format_table([row]))
 
     def finish(self, warm_start: dict | None) -> dict:
         summary = {
@@ -80,6 +92,8 @@ class Reporter:
             "accuracy_before": _acc(self.rows[0]) if self.rows else None,
             "accuracy_after": _acc(self.rows[-1]) if self.rows else None,
         }
+        if not self.enabled:
+            return summary
         write_json_atomic(self.out / "summary.json", summary)
         if self.rows:
             _plot(self.rows, self.out / "accuracy.png")

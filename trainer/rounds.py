@@ -3,19 +3,24 @@
     warm start (optional): SFT on the task's worked solutions
     evaluate → round 0 row
     for round r = 1..R:
-        search   MCTS over a fresh slice of train prompts with the current policy   → round-r/trees.jsonl
-        signals  compile the trees (rounds.signal)                                   → round-r/signals.jsonl
-        train    the policy on the signals (train.algo)                              → round-r/checkpoint/
-        evaluate the held-out split under eval.methods                               → round-r/eval.json
+        search   MCTS over a fresh slice of train prompts with the current policy   → round-r/trees*.jsonl
+        signals  compile the trees for train.algo                                   → round-r/signals.jsonl
+        train    the policy on the signals (sft | dpo | grpo | ppo)                 → round-r/checkpoint/
+        evaluate the held-out split under eval.methods                              → round-r/eval.json
     summary.json, accuracy.png, TensorBoard events
 
-Each stage writes its outputs atomically and a stage marker last, so a killed run resumes at the first unfinished
-stage (a half-done search resumes inside the tree store, skipping prompts already searched). The output directory
-shows the state: ``stages.json`` lists the finished stages.
+Each stage writes its outputs atomically and its entry in ``stages.json`` last, so a killed run resumes at the first
+unfinished stage; a half-done search resumes inside its tree store (prompts already searched are skipped, and the
+log says how many trees were reused), a half-done GRPO/PPO stage from its newest training checkpoint.
 
-Training algorithms available in the rounds today: ``sft`` on the top-k correct MCTS traces of each tree
-(rStar-Math's self-evolution data, a.k.a. rejection-sampling fine-tuning). Tree-GRPO, PPO and step-DPO are tracked
-in the project's issues; a recipe that asks for them fails at start-up with that message instead of faking a stage.
+Signals per algorithm: ``sft`` — the top-k correct traces of each tree (rStar-Math self-evolution / rejection
+sampling); ``dpo`` — sibling step pairs (MCTS-DPO); ``grpo`` — per-token tree advantages (``train.advantage``:
+TreeRL, TreeRPO, or GRPO's group baseline over the tree's leaves); ``ppo`` — root-to-leaf paths with their outcome,
+GAE over steps against a value head.
+
+Several processes (``accelerate launch``): every rank searches and evaluates its shard of the prompts, trees are
+shared through per-rank tree stores, GRPO/PPO train under accelerate (DDP / DeepSpeed) on all ranks' records, and
+rank 0 writes the shared files. SFT and DPO rounds use TRL's trainers, which distribute themselves.
 """
 
 from __future__ import annotations
@@ -35,34 +40,22 @@ from thinktree.search.store import TreeStore, search_resumable
 from thinktree.trainer.algos.dpo import DPOSettings, train_dpo
 from thinktree.trainer.algos.sft import SFTSettings, train_sft
 from thinktree.trainer.config import ConfigError, RecipeConfig
+from thinktree.trainer.distributed import Topology, topology
 from thinktree.trainer.evaluate import evaluate_policy
 from thinktree.trainer.outputs import prepare_output_dir, write_json_atomic
 from thinktree.trainer.reporting import Reporter
 from thinktree.trainer.searching import make_outcome_fn, make_prompts, make_proposer, run_method
-from thinktree.trainer.signals.pairs import step_pairs
+from thinktree.trainer.signals import signal_counts, step_pairs, tree_advantages
 from thinktree.trainer.signals.traces import sft_traces
 
 log = logging.getLogger("thinktree")
 
 
-def _check_recipe(cfg: RecipeConfig) -> None:
-    if cfg.rounds.num_rounds > 0 and cfg.train.algo not in ROUND_TRAINERS:
-        raise ConfigError(
-            f"train.algo={cfg.train.algo!r} is not available in the round pipeline (available: {sorted(ROUND_TRAINERS)})"
-        )
-    if cfg.rounds.warm_start.algo not in ("none", "sft"):
-        raise ConfigError(
-            f"rounds.warm_start.algo must be 'none' or 'sft', got {cfg.rounds.warm_start.algo!r}"
-        )
-    if cfg.rounds.num_rounds < 0:
-        raise ConfigError(f"rounds.num_rounds must be >= 0, got {cfg.rounds.num_rounds}")
-
-
 class Stages:
-    """``stages.json``: the finished stages of a run, each with its small result record."""
+    """``stages.json``: the finished stages of a run, each with its small result record (rank 0 writes it)."""
 
-    def __init__(self, out: Path) -> None:
-        self.path = out / "stages.json"
+    def __init__(self, out: Path, topo: Topology) -> None:
+        self.path, self.topo = out / "stages.json", topo
         self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def get(self, name: str) -> Any:
@@ -70,21 +63,51 @@ class Stages:
 
     def finish(self, name: str, record: Any) -> None:
         self.done[name] = record
-        write_json_atomic(self.path, self.done)
+        if self.topo.is_main:
+            write_json_atomic(self.path, self.done)
+        self.topo.barrier()
+
+    def last_checkpoint(self) -> str | None:
+        for record in reversed(list(self.done.values())):
+            if isinstance(record, dict) and record.get("checkpoint"):
+                return record["checkpoint"]
+        return None
 
 
-def _load(cfg: RecipeConfig, checkpoint: str | None):
-    from thinktree.trainer.models import load_policy
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds: recipe, processes, output dir, task, policy."""
 
-    spec = checkpoint or cfg.model.policy
-    lora = None if checkpoint else cfg.model.lora
-    return load_policy(spec, dtype=cfg.model.dtype, seed=cfg.seed, tiny_sizes=cfg.model.tiny_sizes, lora=lora)
+    cfg: RecipeConfig
+    topo: Topology
+    out: Path
+    stages: Stages
+    task: Any
+    model: Any
+    tokenizer: Any
+
+    def save(self, path: Path) -> str:
+        from thinktree.trainer.models import save_policy
+
+        if self.topo.is_main:
+            save_policy(self.model, self.tokenizer, path)
+        self.topo.barrier()
+        return str(path.absolute())
 
 
-def _save(model, tokenizer, path: Path) -> str:
-    from thinktree.trainer.models import save_policy
-
-    return str(save_policy(model, tokenizer, path))
+def _check_recipe(cfg: RecipeConfig) -> None:
+    if cfg.rounds.num_rounds > 0 and cfg.train.algo not in ROUND_TRAINERS:
+        raise ConfigError(
+            f"train.algo={cfg.train.algo!r} is not a round algorithm; choose one of {sorted(ROUND_TRAINERS)}"
+        )
+    if cfg.train.algo == "grpo" and cfg.train.advantage not in ("treerl", "treerpo", "grpo"):
+        raise ConfigError(f"train.advantage must be treerl, treerpo or grpo, got {cfg.train.advantage!r}")
+    if cfg.rounds.warm_start.algo not in ("none", "sft"):
+        raise ConfigError(
+            f"rounds.warm_start.algo must be 'none' or 'sft', got {cfg.rounds.warm_start.algo!r}"
+        )
+    if cfg.rounds.num_rounds < 0:
+        raise ConfigError(f"rounds.num_rounds must be >= 0, got {cfg.rounds.num_rounds}")
 
 
 def _sft_settings(cfg: RecipeConfig, *, warm: bool) -> SFTSettings:
@@ -100,33 +123,60 @@ def _sft_settings(cfg: RecipeConfig, *, warm: bool) -> SFTSettings:
     )
 
 
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def warm_start(run: Run, rows, prompts) -> dict:
+    """SFT on the task's worked solutions (the prompts formatted exactly as the search formats them)."""
+    if "solution" not in rows.column_names:
+        raise ConfigError(f"task {run.task.name!r} has no worked solutions for an SFT warm start")
+    start = time.perf_counter()
+    data = Dataset.from_list(
+        [{"prompt": p.prompt, "completion": s} for p, s in zip(prompts, rows["solution"])]
+    )
+    metrics = train_sft(run.model, run.tokenizer, data, _sft_settings(run.cfg, warm=True), run.out / "ws")
+    ckpt = run.save(run.out / "warm_start" / "checkpoint")
+    return {
+        "checkpoint": ckpt,
+        "train_loss": metrics.get("train_loss"),
+        "time_s": time.perf_counter() - start,
+    }
+
+
 def _round_prompts(cfg: RecipeConfig, train_prompts: list, r: int) -> list:
-    """A fresh slice of train prompts for round ``r`` (cycling through the train split)."""
+    """A fresh slice of train prompts for round ``r`` (cycling through the train split), keys 0..n-1."""
     n = min(cfg.rounds.prompts_per_round, len(train_prompts))
     start = ((r - 1) * n) % max(1, len(train_prompts))
     picked = [train_prompts[(start + i) % len(train_prompts)] for i in range(n)]
     return [dataclasses.replace(p, key=i) for i, p in enumerate(picked)]
 
 
-def _search_round(cfg, model, tokenizer, task, prompts, out: Path, seed: int) -> dict:
-    store = TreeStore(out / "trees.jsonl")
+def _stores(rdir: Path) -> list[TreeStore]:
+    return [TreeStore(p) for p in sorted(rdir.glob("trees*.jsonl"))]
+
+
+def search_stage(run: Run, prompts: list, rdir: Path, seed: int) -> dict:
+    """MCTS over this rank's share of the round's prompts with the live policy; resumable per tree."""
+    name = "trees.jsonl" if run.topo.world == 1 else f"trees.rank{run.topo.rank}.jsonl"
+    store = TreeStore(rdir / name)
     reused = len(store.done_keys())
     if reused:
-        log.info("round search: reusing %d stored trees from %s", reused, store.path)
-    proposer = make_proposer(model, tokenizer, cfg.search)
-    start = time.perf_counter()
+        log.info("round search: reusing %d stored trees from %s; searching the rest", reused, store.path)
+    proposer = make_proposer(run.model, run.tokenizer, run.cfg.search)
+    outcome_fn, start = make_outcome_fn(run.task), time.perf_counter()
     search_resumable(
-        store, prompts, lambda chunk, rng, **kw: run_method("mcts", chunk, proposer, make_outcome_fn(task),
-                                                            cfg.search, rng, **kw),
-        rng=np.random.default_rng(seed), chunk_size=cfg.search.max_batch_size,
-        answer_fn=task.extract_answer,
+        store, run.topo.shard(prompts),
+        lambda chunk, rng, **kw: run_method("mcts", chunk, proposer, outcome_fn, run.cfg.search, rng, **kw),
+        rng=np.random.default_rng(seed), chunk_size=run.cfg.search.max_batch_size,
+        answer_fn=run.task.extract_answer,
     )  # fmt: skip
-    trees = store.load()
+    run.topo.barrier()
+    trees = [t for s in _stores(rdir) for t in s.load()]
+    summaries = [s for st in _stores(rdir) for s in st.results() if s]
     leaves = [t.nodes[i] for t in trees for i in t.terminal_leaves()]
-    summaries = [s for s in store.results() if s]
     return {
         "trees": len(trees),
-        "reused_trees": reused,
+        "reused_trees": sum(run.topo.gather(reused)),
         "generated_tokens": sum(s["budget"]["generated_tokens"] for s in summaries),
         "search_time_s": time.perf_counter() - start,
         "leaf_reward_mean": float(np.mean([n.reward or 0.0 for n in leaves])) if leaves else 0.0,
@@ -134,106 +184,136 @@ def _search_round(cfg, model, tokenizer, task, prompts, out: Path, seed: int) ->
     }
 
 
-def _write_signals(out: Path, records: list[dict]) -> None:
-    with open(out / "signals.jsonl", "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+def _write_signals(run: Run, rdir: Path, records: list[dict]) -> None:
+    if run.topo.is_main:
+        with open(rdir / "signals.jsonl", "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
 
 
-def _train_sft_round(cfg, model, tokenizer, trees, out: Path) -> dict:
-    """rStar-Math / rejection-sampling round: SFT on the top-k correct traces of each tree."""
-    records = sft_traces(trees, k=cfg.rounds.traces_per_tree)
-    _write_signals(out, records)
-    info: dict[str, Any] = {"sft_traces": len(records)}
-    if records:
-        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
-        metrics = train_sft(model, tokenizer, data, _sft_settings(cfg, warm=False), out / "trainer")
-        info["train_loss"] = metrics.get("train_loss")
-    return info
+def _train_sft(run: Run, trees: list, rdir: Path) -> dict:
+    records = sft_traces(trees, k=run.cfg.rounds.traces_per_tree)
+    _write_signals(run, rdir, records)
+    if not records:
+        return {}
+    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+    metrics = train_sft(run.model, run.tokenizer, data, _sft_settings(run.cfg, warm=False), rdir / "trainer")
+    return {"train_loss": metrics.get("train_loss")}
 
 
-def _train_dpo_round(cfg, model, tokenizer, trees, out: Path) -> dict:
-    """MCTS-DPO round: step-level DPO on sibling step pairs (best vs worst by Q), confidence-weighted."""
-    records = step_pairs(trees, min_margin=cfg.train.pair_min_margin, rng=np.random.default_rng(cfg.seed))
-    _write_signals(out, records)
-    info: dict[str, Any] = {"step_pairs": len(records)}
-    if records:
-        t = cfg.train
-        settings = DPOSettings(
-            beta=t.dpo_beta, learning_rate=t.learning_rate, steps=t.steps, per_device_batch_size=t.per_device_batch_size,
-            grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, seed=cfg.seed,
-        )  # fmt: skip
-        metrics = train_dpo(model, tokenizer, records, settings, out / "trainer")
-        info["train_loss"] = metrics.get("train_loss")
-    return info
+def _train_dpo(run: Run, trees: list, rdir: Path) -> dict:
+    t = run.cfg.train
+    records = step_pairs(trees, min_margin=t.pair_min_margin, rng=np.random.default_rng(run.cfg.seed))
+    _write_signals(run, rdir, records)
+    if not records:
+        return {}
+    settings = DPOSettings(
+        beta=t.dpo_beta, learning_rate=t.learning_rate, steps=t.steps, per_device_batch_size=t.per_device_batch_size,
+        grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, seed=run.cfg.seed,
+    )  # fmt: skip
+    metrics = train_dpo(run.model, run.tokenizer, records, settings, rdir / "trainer")
+    return {"train_loss": metrics.get("train_loss")}
 
 
-ROUND_TRAINERS = {"sft": _train_sft_round, "dpo": _train_dpo_round}
-"""Round training stage per ``train.algo``: (cfg, model, tokenizer, trees, round dir) → record for the summary."""
+def _train_policy_gradient(run: Run, trees: list, rdir: Path) -> dict:
+    """GRPO on per-token tree advantages, or PPO with a value head.
+
+    Each round builds a fresh engine (optimizer state starts anew every round, as in iterative self-training), so a
+    run resumed at a round boundary is the same run; the policy's weights are updated in place.
+    """
+    t = run.cfg.train
+    if t.algo == "grpo":
+        from thinktree.trainer.algos.grpo import train_grpo as train_fn
+
+        records = [rec for tree in trees for rec in tree_advantages(tree, method=t.advantage)]
+    else:
+        from thinktree.trainer.algos.ppo import ppo_records
+        from thinktree.trainer.algos.ppo import train_ppo as train_fn
+
+        records = [rec for tree in trees for rec in ppo_records(tree)]
+    _write_signals(run, rdir, records)
+    if not records:
+        return {}
+    _, history = train_fn(
+        run.model, run.tokenizer, records, t, seed=run.cfg.seed, checkpoint_dir=rdir / "trainer"
+    )
+    last = history[-1] if history else {}
+    return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("train/")}
 
 
-def _train_round(cfg, model, tokenizer, out: Path) -> dict:
-    trees = TreeStore(out / "trees.jsonl").load()
-    info = ROUND_TRAINERS[cfg.train.algo](cfg, model, tokenizer, trees, out)
-    if not any(v for k, v in info.items() if k in ("sft_traces", "step_pairs", "advantage_tokens")):
+ROUND_TRAINERS = {
+    "sft": _train_sft,
+    "dpo": _train_dpo,
+    "grpo": _train_policy_gradient,
+    "ppo": _train_policy_gradient,
+}
+"""Round training stage per ``train.algo``: (run, trees, round dir) → metrics for the summary."""
+
+
+def train_stage(run: Run, rdir: Path) -> dict:
+    trees = [t for s in _stores(rdir) for t in s.load()]
+    start = time.perf_counter()
+    counts = {}
+    info = ROUND_TRAINERS[run.cfg.train.algo](run, trees, rdir)
+    if (rdir / "signals.jsonl").exists():
+        with open(rdir / "signals.jsonl") as f:
+            counts = signal_counts(json.loads(line) for line in f)
+        counts.pop("trees", None)  # the search record's tree count is the one the summary reports
+    if not info:
         log.warning("round: no training signal in %d trees; the policy is not updated this round", len(trees))
-    return info
+    return {**counts, **info, "train_time_s": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------------- the loop
 
 
 def run_train(cfg: RecipeConfig) -> dict:
     """Run a recipe end to end (resumable); returns the summary written to ``summary.json``."""
+    from thinktree.trainer.models import load_policy
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _check_recipe(cfg)
+    topo = topology()
     out = prepare_output_dir(cfg)
-    stages = Stages(out)
-    report = Reporter(out, cfg)
-    task = get_task(cfg.task.name, **cfg.task.kwargs)
-    checkpoint = None
-    for name in reversed(list(stages.done)):
-        checkpoint = (stages.done[name] or {}).get("checkpoint") or checkpoint
-        if checkpoint:
-            break
-    model, tokenizer = _load(cfg, checkpoint)
+    stages = Stages(out, topo)
+    checkpoint = stages.last_checkpoint()
+    model, tokenizer = load_policy(
+        checkpoint or cfg.model.policy, dtype=cfg.model.dtype, seed=cfg.seed, tiny_sizes=cfg.model.tiny_sizes,
+        lora=None if checkpoint else cfg.model.lora,
+    )  # fmt: skip
+    run = Run(cfg, topo, out, stages, get_task(cfg.task.name, **cfg.task.kwargs), model, tokenizer)
+    report = Reporter(out, cfg, enabled=topo.is_main)
     needs_train = cfg.rounds.num_rounds > 0 or cfg.rounds.warm_start.algo != "none"
-    train_rows = task.load("train", n=cfg.task.train_size, seed=cfg.seed) if needs_train else None
-    eval_rows = task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
-    train_prompts = make_prompts(task, train_rows, tokenizer, cfg.model.use_chat_template) if needs_train else []
-    eval_prompts = make_prompts(task, eval_rows, tokenizer, cfg.model.use_chat_template)
+    train_rows = run.task.load("train", n=cfg.task.train_size, seed=cfg.seed) if needs_train else None
+    train_prompts = (
+        make_prompts(run.task, train_rows, tokenizer, cfg.model.use_chat_template) if needs_train else []
+    )
+    eval_rows = run.task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
+    eval_prompts = make_prompts(run.task, eval_rows, tokenizer, cfg.model.use_chat_template)
 
     if cfg.rounds.warm_start.algo == "sft" and not stages.get("warm_start"):
-        if "solution" not in train_rows.column_names:
-            raise ConfigError(f"task {task.name!r} has no worked solutions for an SFT warm start")
-        start = time.perf_counter()
-        data = [{"prompt": p.prompt, "completion": s} for p, s in zip(train_prompts, train_rows["solution"])]
-        metrics = train_sft(
-            model, tokenizer, Dataset.from_list(data), _sft_settings(cfg, warm=True), out / "ws"
-        )
-        ckpt = _save(model, tokenizer, out / "warm_start" / "checkpoint")
-        stages.finish("warm_start", {"checkpoint": ckpt, "train_loss": metrics.get("train_loss"),
-                                     "time_s": time.perf_counter() - start})  # fmt: skip
-
+        stages.finish("warm_start", warm_start(run, train_rows, train_prompts))
     for r in range(cfg.rounds.num_rounds + 1):
         rdir = out / f"round-{r:02d}"
-        row = dict(stages.get(f"round-{r}/eval") or {})
-        if r > 0:
-            for stage, fn in (("search", _search_round), ("train", _train_round)):
-                if stages.get(f"round-{r}/{stage}") is None:
-                    args = (
-                        (task, _round_prompts(cfg, train_prompts, r), rdir, cfg.seed * 1000 + r)
-                        if stage == "search"
-                        else (rdir,)
-                    )
-                    record = fn(cfg, model, tokenizer, *args)
-                    if stage == "train":
-                        record["checkpoint"] = _save(model, tokenizer, rdir / "checkpoint")
-                    stages.finish(f"round-{r}/{stage}", record)
-        if not row:
+        rdir.mkdir(parents=True, exist_ok=True)
+        if r > 0 and stages.get(f"round-{r}/search") is None:
+            prompts = _round_prompts(cfg, train_prompts, r)
+            stages.finish(f"round-{r}/search", search_stage(run, prompts, rdir, cfg.seed * 1000 + r))
+        if r > 0 and stages.get(f"round-{r}/train") is None:
+            record = train_stage(run, rdir)
+            record["checkpoint"] = run.save(rdir / "checkpoint")
+            stages.finish(f"round-{r}/train", record)
+        row = stages.get(f"round-{r}/eval")
+        if row is None:
             start = time.perf_counter()
-            evals = evaluate_policy(model, tokenizer, task, eval_prompts, cfg, seed=cfg.seed)
+            evals = evaluate_policy(
+                run.model, tokenizer, run.task, eval_prompts, cfg, seed=cfg.seed, topo=topo
+            )
             row = {"round": r, "eval": evals, "eval_time_s": time.perf_counter() - start}
             for stage in ("search", "train"):
                 row.update(stages.get(f"round-{r}/{stage}") or {})
-            write_json_atomic(rdir / "eval.json", row)
+            if topo.is_main:
+                write_json_atomic(rdir / "eval.json", row)
             stages.finish(f"round-{r}/eval", row)
         report.round(row)
     return report.finish(stages.get("warm_start"))

@@ -156,6 +156,32 @@ def summarize(results: Sequence[SearchResult], wall_s: float | None = None) -> d
     }
 
 
+def merge_summaries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Combine :func:`summarize` outputs of disjoint prompt shards (e.g. one per rank) into one."""
+    parts = [p for p in parts if p["num_prompts"]]
+    if not parts:
+        return summarize([])
+    n = sum(p["num_prompts"] for p in parts)
+    tokens = sum(p["generated_tokens"] for p in parts)
+    wall = max(p["wall_time_s"] for p in parts)
+    backend: dict[str, float] = {}
+    for p in parts:
+        for k, v in p["backend"].items():
+            backend[k] = backend.get(k, 0) + v
+    return {
+        "num_prompts": n,
+        **{
+            k: sum(p[k] * p["num_prompts"] for p in parts) / n
+            for k in ("accuracy", "pass_at_k", "mean_reward")
+        },
+        "generated_tokens": tokens,
+        "tokens_per_prompt": tokens / n,
+        "wall_time_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "backend": backend,
+    }
+
+
 def run_search_command(cfg: RecipeConfig, split: str = "test", limit: int | None = None) -> dict:
     """``thinktree search``: search a task split with the recipe's policy and method; resumable."""
     from thinktree.trainer.models import load_policy
