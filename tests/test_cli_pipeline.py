@@ -56,6 +56,8 @@ def test_train_pipeline_runs_rounds_and_resumes(tmp_path):
         "train.steps=2",
         "train.per_device_batch_size=4",
         "eval.methods=[greedy, mcts]",
+        "eval.retained_task=countdown",
+        "eval.retained_size=2",
     ]
     cfg = load_config(None, overrides)
     summary = run_train(cfg)
@@ -64,6 +66,13 @@ def test_train_pipeline_runs_rounds_and_resumes(tmp_path):
         assert set(row["eval"]) == {"greedy", "mcts"}
         assert all(0.0 <= m["accuracy"] <= 1.0 and m["generated_tokens"] > 0 for m in row["eval"].values())
     assert summary["rounds"][1]["trees"] == 4 and summary["rounds"][1]["generated_tokens"] > 0
+    # health metrics from real evaluation passes: KL is 0 at round 0 (the reference is the round-0 policy)
+    row0, row1 = summary["rounds"]
+    for key in ("health/bits_per_char_ref", "health/general_nll_bits_per_char", "health/retained_accuracy",
+                "health/kl_from_round0", "health/entropy"):  # fmt: skip
+        assert key in row0 and key in row1, key
+    assert abs(row0["health/kl_from_round0"]) < 1e-6
+    assert "health/retained_accuracy_delta_pts" in row1
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     assert list((tmp_path / "tensorboard").glob("events.*"))
     assert (tmp_path / "warm_start" / "checkpoint" / "config.json").exists()

@@ -200,6 +200,18 @@ class EvalConfig:
     """Methods evaluated on the held-out split (greedy, best_of_n, step_beam, mcts)."""
     max_depth: int | None = None
     """Override of search.max_depth for evaluation (null = same as search)."""
+    health: bool = True
+    """Per-round health metrics: bits/char on correct traces, drift (KL from round 0), general-text NLL."""
+    retained_task: str | None = None
+    """Forgetting: a task the recipe does not train on, whose greedy accuracy is tracked (e.g. arith)."""
+    retained_kwargs: dict = field(default_factory=dict)
+    """Task knobs of the retained task."""
+    retained_size: int = 32
+    """Prompts of the retained task evaluated each round."""
+    forgetting_threshold: float = 5.0
+    """Warn when retained accuracy falls more than this many points below round 0."""
+    on_forgetting: str = "warn"
+    """What to do past the threshold: warn (log it) or stop (end the run after this round)."""
 
 
 @dataclass

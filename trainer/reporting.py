@@ -31,13 +31,20 @@ def flat_metrics(row: dict) -> dict[str, float]:
     for k in _SEARCH_KEYS:
         if row.get(k) is not None:
             out[f"search/{k}"] = float(row[k])
+    for k, v in row.items():
+        if k.startswith("health/") and isinstance(v, (int, float)):
+            out[k] = float(v)
     for k in _SIGNAL_KEYS:
         if row.get(k):
             out[f"signals/{k}"] = float(row[k])
     for k, v in row.items():
-        if k not in _NOT_TRAIN and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if k not in _NOT_TRAIN and "/" not in k and isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"train/{k}"] = float(v)
     return out
+
+
+def _num(row: dict, key: str) -> str:
+    return f"{row[key]:.4g}" if isinstance(row.get(key), (int, float)) else "-"
 
 
 def _signals(row: dict) -> str:
@@ -50,7 +57,7 @@ def _signals(row: dict) -> str:
 def format_table(rows: list[dict]) -> str:
     """A plain-text table: one line per round, accuracy per method, tokens, traces, time."""
     methods = sorted({m for r in rows for m in r.get("eval", {})})
-    head = ["round"] + [f"acc[{m}]" for m in methods] + ["search tok", "signals", "eval s"]
+    head = ["round"] + [f"acc[{m}]" for m in methods] + ["search tok", "signals", "bits/char", "KL", "eval s"]
     lines = [" | ".join(f"{h:>12}" for h in head)]
     for r in rows:
         cells = [str(r["round"])]
@@ -124,23 +131,47 @@ def _flat_config(cfg: RecipeConfig) -> dict[str, Any]:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
+    """Accuracy per round (one line per method) beside the health metrics: bits/char and KL from round 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    methods = sorted({m for r in rows for m in r.get("eval", {})})
-    for m in methods:
-        xs = [r["round"] for r in rows if m in r.get("eval", {})]
-        ys = [100 * r["eval"][m]["accuracy"] for r in rows if m in r.get("eval", {})]
-        ax.plot(xs, ys, marker="o", label=m)
-    ax.set_xlabel("round (0 = after warm start)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("Held-out accuracy per round")
-    ax.set_xticks([r["round"] for r in rows])
+    health = any(k.startswith("health/") for r in rows for k in r)
+    fig, axes = plt.subplots(1, 2 if health else 1, figsize=(11 if health else 6, 4), dpi=120, squeeze=False)
+    ax = axes[0][0]
+    rounds = [r["round"] for r in rows]
+    for m in sorted({m for r in rows for m in r.get("eval", {})}):
+        pts = [(r["round"], 100 * r["eval"][m]["accuracy"]) for r in rows if m in r.get("eval", {})]
+        ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set(
+        xlabel="round (0 = after warm start)",
+        ylabel="held-out accuracy (%)",
+        title="Held-out accuracy per round",
+    )
+    ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
     ax.legend(title="method")
+    if health:
+        ax = axes[0][1]
+        for key, label in (("health/bits_per_char_ref", "bits/char, reference traces"),
+                           ("health/bits_per_char_own", "bits/char, own greedy solutions"),
+                           ("health/general_nll_bits_per_char", "bits/char, general text")):  # fmt: skip
+            pts = [(r["round"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(xlabel="round", ylabel="bits per character", title="Compression and drift per round")
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+        kl = [(r["round"], r["health/kl_from_round0"]) for r in rows if "health/kl_from_round0" in r]
+        if kl:
+            ax2 = ax.twinx()
+            ax2.plot(
+                *zip(*kl), marker="s", linestyle="--", color="grey", label="KL from round 0 (nats/token)"
+            )
+            ax2.set_ylabel("KL from round 0 (nats/token)")
+            ax2.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

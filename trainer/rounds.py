@@ -85,6 +85,8 @@ class Run:
     task: Any
     model: Any
     tokenizer: Any
+    reference: Any = None
+    """The round-0 policy, frozen (health metrics: KL drift)."""
 
     def save(self, path: Path) -> str:
         from thinktree.trainer.models import save_policy
@@ -106,6 +108,8 @@ def _check_recipe(cfg: RecipeConfig) -> None:
         raise ConfigError(
             f"rounds.warm_start.algo must be 'none' or 'sft', got {cfg.rounds.warm_start.algo!r}"
         )
+    if cfg.eval.on_forgetting not in ("warn", "stop"):
+        raise ConfigError(f"eval.on_forgetting must be 'warn' or 'stop', got {cfg.eval.on_forgetting!r}")
     if cfg.rounds.num_rounds < 0:
         raise ConfigError(f"rounds.num_rounds must be >= 0, got {cfg.rounds.num_rounds}")
 
@@ -264,6 +268,42 @@ def train_stage(run: Run, rdir: Path) -> dict:
     return {**counts, **info, "train_time_s": time.perf_counter() - start}
 
 
+def health_stage(run: Run, eval_prompts: list, eval_rows, stages: Stages) -> dict:
+    """Compression, drift and forgetting of the current policy against round 0 (see :mod:`.health`)."""
+    from thinktree.trainer import health
+
+    cfg = run.cfg
+    ws = stages.get("warm_start")
+    ref_spec = ws["checkpoint"] if ws else cfg.model.policy
+    if run.reference is None:
+        run.reference = health.snapshot_reference(ref_spec, seed=cfg.seed, tiny_sizes=cfg.model.tiny_sizes)
+    solutions = list(eval_rows["solution"]) if "solution" in eval_rows.column_names else None
+    traces = health.freeze_reference_traces(
+        run.out / "health_traces.json", run.task, eval_prompts, solutions,
+        model=run.model, tokenizer=run.tokenizer, search_cfg=cfg.search,
+    )  # fmt: skip
+    retained = None
+    if cfg.eval.retained_task:
+        retained = {"task_name": cfg.eval.retained_task, "task_kwargs": cfg.eval.retained_kwargs,
+                    "n": cfg.eval.retained_size, "seed": cfg.seed, "search_cfg": cfg.search}  # fmt: skip
+    return health.health_metrics(
+        run.model, run.tokenizer, reference=run.reference, traces=traces,
+        general_text_chunks=health.load_general_text(run.tokenizer), retained=retained, task=run.task,
+        prompts=eval_prompts, search_cfg=cfg.search,
+    )  # fmt: skip
+
+
+def _forgetting(run: Run, row: dict, round0: dict | None) -> bool:
+    """Compare with round 0; returns True when the run should stop (eval.on_forgetting=stop past threshold)."""
+    from thinktree.trainer.health import forgetting_report
+
+    if round0 is None or row["round"] == 0 or "health/retained_accuracy" not in row:
+        return False
+    report = forgetting_report(row, round0, threshold=run.cfg.eval.forgetting_threshold)
+    row.update({k: v for k, v in report.items() if k not in row})
+    return bool(report.get("health/forgetting_warn")) and run.cfg.eval.on_forgetting == "stop"
+
+
 # --------------------------------------------------------------------------------------------------- the loop
 
 
@@ -310,10 +350,20 @@ def run_train(cfg: RecipeConfig) -> dict:
                 run.model, tokenizer, run.task, eval_prompts, cfg, seed=cfg.seed, topo=topo
             )
             row = {"round": r, "eval": evals, "eval_time_s": time.perf_counter() - start}
+            if cfg.eval.health:
+                row.update(health_stage(run, eval_prompts, eval_rows, stages))
             for stage in ("search", "train"):
                 row.update(stages.get(f"round-{r}/{stage}") or {})
+            stop = _forgetting(run, row, stages.get("round-0/eval"))
             if topo.is_main:
                 write_json_atomic(rdir / "eval.json", row)
             stages.finish(f"round-{r}/eval", row)
+            if stop:
+                log.warning(
+                    "round %d: retained accuracy fell past the threshold; stopping (eval.on_forgetting=stop)",
+                    r,
+                )
+                report.round(row)
+                break
         report.round(row)
     return report.finish(stages.get("warm_start"))
