@@ -104,6 +104,13 @@ def _check_recipe(cfg: RecipeConfig) -> None:
         )
     if cfg.train.algo == "grpo" and cfg.train.advantage not in ("treerl", "treerpo", "grpo"):
         raise ConfigError(f"train.advantage must be treerl, treerpo or grpo, got {cfg.train.advantage!r}")
+    if cfg.rounds.num_rounds > 0 and cfg.search.method not in (
+        "mcts",
+        "best_of_n",
+        "self_consistency",
+        "step_beam",
+    ):
+        raise ConfigError(f"search.method={cfg.search.method!r} cannot generate a round's training trees")
     if cfg.rounds.warm_start.algo not in ("none", "sft"):
         raise ConfigError(
             f"rounds.warm_start.algo must be 'none' or 'sft', got {cfg.rounds.warm_start.algo!r}"
@@ -160,7 +167,8 @@ def _stores(rdir: Path) -> list[TreeStore]:
 
 
 def search_stage(run: Run, prompts: list, rdir: Path, seed: int) -> dict:
-    """MCTS over this rank's share of the round's prompts with the live policy; resumable per tree."""
+    """Search this rank's share of the round's prompts with the live policy (``search.method``: mcts, or
+    best_of_n / self_consistency for i.i.d. sampling through the same path); resumable per tree."""
     name = "trees.jsonl" if run.topo.world == 1 else f"trees.rank{run.topo.rank}.jsonl"
     store = TreeStore(rdir / name)
     reused = len(store.done_keys())
@@ -170,7 +178,7 @@ def search_stage(run: Run, prompts: list, rdir: Path, seed: int) -> dict:
     outcome_fn, start = make_outcome_fn(run.task), time.perf_counter()
     search_resumable(
         store, run.topo.shard(prompts),
-        lambda chunk, rng, **kw: run_method("mcts", chunk, proposer, outcome_fn, run.cfg.search, rng, **kw),
+        lambda chunk, rng, **kw: run_method(run.cfg.search.method, chunk, proposer, outcome_fn, run.cfg.search, rng, **kw),
         rng=np.random.default_rng(seed), chunk_size=run.cfg.search.max_batch_size,
         answer_fn=run.task.extract_answer,
     )  # fmt: skip
