@@ -117,3 +117,44 @@ def test_eval_command_methods_and_errors(tmp_path, capsys):
     assert main(args + ["--checkpoint", str(tmp_path / "qwen")]) == 2
     assert "does not match the recipe's model" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_killed_mid_round_resumes_to_completion(tmp_path):
+    """SIGKILL the CLI once it is inside round 1 (search done, training not), rerun the same command: it picks up
+    at the first unfinished stage, keeps the stored trees, and finishes every round."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = TINY + [
+        f"output.dir={tmp_path}", "rounds.num_rounds=2", "rounds.prompts_per_round=3",
+        "rounds.warm_start.algo=sft", "rounds.warm_start.steps=2", "rounds.warm_start.per_device_batch_size=8",
+        "train.algo=grpo", "train.per_device_batch_size=4", "eval.methods=[greedy]", "eval.health=false",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "thinktree.trainer.cli", "train", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stages_file, deadline = tmp_path / "stages.json", time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if stages_file.exists() and "round-1/search" in stages_file.read_text():
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-round"
+    killed_stages = json.loads(stages_file.read_text())
+    assert "round-2/eval" not in killed_stages
+    trees = (tmp_path / "round-01" / "trees.jsonl").read_bytes()
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert (tmp_path / "round-01" / "trees.jsonl").read_bytes() == trees  # the search was not redone
+    assert (tmp_path / "round-02" / "checkpoint" / "config.json").exists()
