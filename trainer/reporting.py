@@ -6,6 +6,7 @@ round, one line per evaluation method.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def flat_metrics(row: dict) -> dict[str, float]:
             out[f"signals/{k}"] = float(row[k])
     for k, v in row.items():
         if k not in _NOT_TRAIN and "/" not in k and isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"train/{k}"] = float(v)
+            out[f"round/{k}"] = float(v)
     return out
 
 
@@ -76,6 +77,7 @@ class Reporter:
 
     def __init__(self, out: Path, cfg: RecipeConfig, enabled: bool = True) -> None:
         self.out, self.cfg, self.rows, self.enabled = out, cfg, [], enabled
+        self.global_step = 0
         self.tracker = None
         if enabled and "tensorboard" in cfg.output.report_to:
             from accelerate.tracking import TensorBoardTracker
@@ -84,10 +86,20 @@ class Reporter:
             self.tracker.start()
             self.tracker.store_init_configuration(_flat_config(cfg))
 
-    def round(self, row: dict) -> None:
+    def round(self, row: dict, rdir: Path | None = None) -> None:
+        """Log one round: its row at step = round (``eval/…``, ``search/…``, ``signals/…``, ``health/…``,
+        ``round/…`` for the round's last training metrics), and each optimiser step's ``train/…`` metrics
+        (``train_metrics.jsonl``) on a global step axis."""
         self.rows.append(row)
         if self.tracker is not None:
             self.tracker.log(flat_metrics(row), step=row["round"])
+            steps = rdir / "train_metrics.jsonl" if rdir is not None else None
+            if steps is not None and steps.exists():
+                for line in steps.read_text().splitlines():
+                    self.global_step += 1
+                    self.tracker.log(
+                        {f"step/{k}": v for k, v in json.loads(line).items()}, step=self.global_step
+                    )
         if self.enabled:
             log.info("round %d:\n%s", row["round"], format_table([row]))
 

@@ -117,8 +117,20 @@ def _check_recipe(cfg: RecipeConfig) -> None:
         )
     if cfg.eval.on_forgetting not in ("warn", "stop"):
         raise ConfigError(f"eval.on_forgetting must be 'warn' or 'stop', got {cfg.eval.on_forgetting!r}")
+    if cfg.rounds.num_rounds > 0 and cfg.train.algo in ("grpo", "ppo") and _zero_stage() == 3:
+        raise ConfigError(
+            "GRPO/PPO rounds under DeepSpeed ZeRO-3 are not supported yet (the round's search would need the "
+            "partitioned weights gathered); use ZeRO-2 or DDP for rounds — ZeRO-3 training steps themselves work"
+        )
     if cfg.rounds.num_rounds < 0:
         raise ConfigError(f"rounds.num_rounds must be >= 0, got {cfg.rounds.num_rounds}")
+
+
+def _zero_stage() -> int | None:
+    import os
+
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage and stage.isdigit() else None
 
 
 def _sft_settings(cfg: RecipeConfig, *, warm: bool) -> SFTSettings:
@@ -371,7 +383,7 @@ def run_train(cfg: RecipeConfig) -> dict:
                     "round %d: retained accuracy fell past the threshold; stopping (eval.on_forgetting=stop)",
                     r,
                 )
-                report.round(row)
+                report.round(row, rdir)
                 break
-        report.round(row)
+        report.round(row, rdir)
     return report.finish(stages.get("warm_start"))
