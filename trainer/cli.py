@@ -4,6 +4,7 @@
     thinktree search --config recipes/quickstart.yaml [--split test] [section.field=value ...]
     thinktree eval   --config recipes/quickstart.yaml [--checkpoint DIR] [--methods greedy,mcts] [--prm DIR]
     thinktree view   runs/X/round-01/trees.jsonl [--out trees.html] [--signals signals.jsonl]
+    thinktree ablate --config recipes/ablate_arith.yaml [--checkpoint DIR] [--prm DIR]
 
 Also runs under accelerate: ``accelerate launch -m thinktree.trainer.cli train --config recipes/X.yaml``.
 Any config field can be overridden after the options, as ``search.num_simulations=32`` or
@@ -21,6 +22,7 @@ COMMANDS = {
     "train": "run a recipe: warm start, rounds of search → signals → training, evaluation",
     "search": "search a task split with the recipe's policy and method; write trees and a summary",
     "eval": "accuracy of a policy or checkpoint under named search methods, with tokens and time",
+    "ablate": "a grid over search settings on the same prompts: results table, CSV and accuracy-vs-tokens plot",
 }
 
 
@@ -48,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--out", default=None, help="output JSON (default: <output.dir>/eval-<split>.json)"
             )
+        if name == "ablate":
+            s.add_argument("--checkpoint", default=None, help="policy directory (default: recipe's)")
+            s.add_argument("--prm", default=None, help="process reward model directory (default: ablate.prm)")
     return p
 
 
@@ -85,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         except ConfigError as e:
             print(f"thinktree eval: {e}", file=sys.stderr)
+            return 2
+    elif args.command == "ablate":
+        from thinktree.trainer.ablate import run_ablate_command
+
+        try:
+            run_ablate_command(cfg, checkpoint=args.checkpoint, prm=args.prm)
+        except ConfigError as e:
+            print(f"thinktree ablate: {e}", file=sys.stderr)
             return 2
     return 0
 

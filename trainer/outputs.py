@@ -1,7 +1,8 @@
 """The output directory of a run: the resolved config beside every output, and a guard against mixing runs.
 
 ``prepare_output_dir`` writes ``config.yaml`` the first time; when the directory already holds a run, the stored
-config must match the new one (the ``output`` section aside), else :class:`ConfigError` names the differing fields and
+config must match the new one (the ``output`` and ``ablate`` sections aside — ablation cells are identified by their
+own hash — and fields added to the schema since count as their defaults), else :class:`ConfigError` names the differing fields and
 nothing is written. That is what makes resuming safe: a restarted run continues only its own work.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from thinktree.trainer.config import ConfigError, RecipeConfig, config_to_dict
+from thinktree.trainer.config import ConfigError, RecipeConfig, config_from_dict, config_to_dict
 
 __all__ = ["prepare_output_dir", "write_json_atomic", "config_diff"]
 
@@ -30,7 +31,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ("output.",)) -> list[str]:
+def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ("output.", "ablate.")) -> list[str]:
     """Human-readable ``key: old → new`` lines for the fields that differ (keys under ``ignore`` skipped)."""
     a, b = _flatten(old), _flatten(new)
     lines = []
@@ -61,6 +62,10 @@ def prepare_output_dir(cfg: RecipeConfig) -> Path:
     new = config_to_dict(cfg)
     if stored.exists():
         old = yaml.safe_load(stored.read_text()) or {}
+        try:  # fill fields added to the schema since that run with their defaults: a new knob is not a new recipe
+            old = config_to_dict(config_from_dict(old))
+        except ConfigError:
+            pass  # a field was removed or retyped since: compare as stored, the diff names it
         diff = config_diff(old, new)
         if diff:
             raise ConfigError(
