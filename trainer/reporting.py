@@ -56,18 +56,15 @@ def _signals(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table: one line per round, accuracy per method, tokens, traces, time."""
+    """A plain-text table: one line per round: accuracy per method, search tokens, signals, bits/char, KL, time."""
     methods = sorted({m for r in rows for m in r.get("eval", {})})
     head = ["round"] + [f"acc[{m}]" for m in methods] + ["search tok", "signals", "bits/char", "KL", "eval s"]
     lines = [" | ".join(f"{h:>12}" for h in head)]
     for r in rows:
         cells = [str(r["round"])]
         cells += [f"{r['eval'][m]['accuracy']:.3f}" if m in r.get("eval", {}) else "-" for m in methods]
-        cells += [
-            str(r.get("generated_tokens", "-")),
-            str(r.get("sft_traces", "-")),
-            f"{r['eval_time_s']:.1f}",
-        ]
+        cells += [str(r.get("generated_tokens", "-")), _signals(r), _num(r, "health/bits_per_char_ref")]
+        cells += [_num(r, "health/kl_from_round0"), f"{r['eval_time_s']:.1f}"]
         lines.append(" | ".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
 
