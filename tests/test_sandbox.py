@@ -610,14 +610,16 @@ def test_unprivileged_caller_uses_a_user_namespace(world_writable_dir: Path) -> 
     setpriv, python = shutil.which("setpriv"), "/usr/bin/python3"
     if setpriv is None or not os.access(python, os.X_OK):
         pytest.skip("needs setpriv and /usr/bin/python3 to run the sandbox as an unprivileged user")
-    module = world_writable_dir / "sandbox_copy.py"  # a copy the unprivileged user can surely read
-    shutil.copyfile(sb.__file__, module)
+    module = world_writable_dir / "sandbox_copy"  # a package copy the unprivileged user can surely read
+    shutil.copytree(Path(sb.__file__).parent, module, ignore=shutil.ignore_patterns("__pycache__"))
     script = world_writable_dir / "check.py"
     script.write_text(
         textwrap.dedent(
             """
             import importlib.util, json, sys
-            spec = importlib.util.spec_from_file_location("sb", sys.argv[1])
+            spec = importlib.util.spec_from_file_location(
+                "sb", sys.argv[1] + "/__init__.py", submodule_search_locations=[sys.argv[1]]
+            )
             sb = importlib.util.module_from_spec(spec)
             sys.modules["sb"] = sb
             spec.loader.exec_module(sb)
@@ -640,8 +642,9 @@ def test_unprivileged_caller_uses_a_user_namespace(world_writable_dir: Path) -> 
             """
         )
     )
-    for path in (module, script):
+    for path in (*module.iterdir(), script):
         path.chmod(0o644)
+    module.chmod(0o755)
     proc = subprocess.run(
         [
             setpriv,

@@ -26,14 +26,8 @@ a ``.gguf`` file
 anything else
     a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) for users with a network, via ``from_pretrained``.
 
-GGUF cache. A conversion is stored in ``<root>/<file stem>-<hash>`` where the hash covers the GGUF file's resolved
-path, size and mtime (a replaced or touched file gets a fresh conversion). ``root`` is the ``cache_dir`` argument
-when given, else ``$THINKTREE_CACHE/gguf``, else ``~/.cache/thinktree/gguf``. A conversion is written into a hidden
-``.<name>.partial-*`` folder beside its final place and renamed into place only when complete, so a killed conversion
-never leaves a half cache (leftover partial folders are removed by the next conversion of the same file). An exclusive
-file lock (POSIX) makes concurrent processes, e.g. the ranks of one ``accelerate launch``, convert once and share.
-``save_pretrained`` refuses a GGUF-loaded model, so the converter drops ``hf_quantizer`` and
-``config.quantization_config`` first: the weights are already dequantised to fp32.
+GGUF cache: see :mod:`thinktree.trainer.gguf` (where conversions live, when they are redone, how a killed or
+concurrent conversion is handled).
 
 Every policy comes back with a pad token (the checkpoint's, else EOS, else UNK), ``generation_config.pad_token_id``
 set to it, the checkpoint's chat template kept, ``padding_side="left"`` (for batched generation; pass
@@ -46,8 +40,6 @@ adapter directory for a LoRA policy) atomically, loadable back with plain transf
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -56,10 +48,10 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +65,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+# The GGUF cache lives in .gguf; its names stay importable from here (the `as` form marks a re-export).
+from .gguf import GGUF_MARKER as GGUF_MARKER
+from .gguf import _convert_into, _strip_gguf_quantizer, convert_gguf, gguf_cache_root
+from .gguf import _is_complete as _is_complete
+from .gguf import gguf_cache_dir as gguf_cache_dir
 from .tiny import TINY_ARCHS, build_tiny_model
 
 if TYPE_CHECKING:
@@ -98,9 +95,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-GGUF_MARKER = (
-    "thinktree-gguf.json"  # written last into a conversion: its presence means the cache is complete
-)
 _MAMBA_TYPES = {
     "mamba",
     "mamba2",
@@ -141,15 +135,8 @@ def load_policy(
         raise ValueError(
             "empty policy spec: expected tiny:<arch>, a directory, a .gguf file, package:<pkg>/<file> or a hub id"
         )
-    model, tokenizer = _resolve(
-        spec_str,
-        torch_dtype=torch_dtype,
-        seed=seed,
-        tiny_sizes=tiny_sizes,
-        cache_dir=cache_dir,
-        trust_remote_code=trust_remote_code,
-        lora=lora,
-    )
+    options = _LoadOptions(torch_dtype, seed, tiny_sizes, cache_dir, trust_remote_code, lora)
+    model, tokenizer = _resolve(spec_str, options)
     _ensure_pad_token(model, tokenizer)
     if padding_side is not None:
         tokenizer.padding_side = padding_side
@@ -160,49 +147,38 @@ def load_policy(
     return model, tokenizer
 
 
-def _resolve(
-    spec: str,
-    *,
-    torch_dtype: torch.dtype | str,
-    seed: int,
-    tiny_sizes: Mapping[str, Any] | None,
-    cache_dir: str | os.PathLike[str] | None,
-    trust_remote_code: bool,
-    lora: Any,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+@dataclass(frozen=True)
+class _LoadOptions:
+    """``load_policy``'s loading options, as every spec form (and an adapter's base) receives them."""
+
+    torch_dtype: torch.dtype | str
+    seed: int
+    tiny_sizes: Mapping[str, Any] | None
+    cache_dir: str | os.PathLike[str] | None
+    trust_remote_code: bool
+    lora: Any
+
+
+def _resolve(spec: str, options: _LoadOptions) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if spec.startswith("tiny:"):
-        return _load_tiny(spec, torch_dtype=torch_dtype, seed=seed, tiny_sizes=tiny_sizes)
+        return _load_tiny(
+            spec, torch_dtype=options.torch_dtype, seed=options.seed, tiny_sizes=options.tiny_sizes
+        )
     if spec.startswith("package:"):
         path = _resolve_package_file(spec)
-        return _load_path(
-            path,
-            spec=spec,
-            torch_dtype=torch_dtype,
-            seed=seed,
-            tiny_sizes=tiny_sizes,
-            cache_dir=cache_dir,
-            trust_remote_code=trust_remote_code,
-            lora=lora,
-        )
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _load_path(
-            path,
-            spec=spec,
-            torch_dtype=torch_dtype,
-            seed=seed,
-            tiny_sizes=tiny_sizes,
-            cache_dir=cache_dir,
-            trust_remote_code=trust_remote_code,
-            lora=lora,
-        )
-    if _looks_like_path(spec) or not _HUB_ID.match(spec):
-        raise FileNotFoundError(
-            f"policy spec {spec!r}: no such file or directory ({path.absolute()}); "
-            f"expected tiny:<arch> ({', '.join(TINY_ARCHS)}), a model directory, a .gguf file, "
-            "package:<pkg>/<file> or a Hugging Face hub id"
-        )
-    return _load_hub(spec, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            if _looks_like_path(spec) or not _HUB_ID.match(spec):
+                raise FileNotFoundError(
+                    f"policy spec {spec!r}: no such file or directory ({path.absolute()}); "
+                    f"expected tiny:<arch> ({', '.join(TINY_ARCHS)}), a model directory, a .gguf file, "
+                    "package:<pkg>/<file> or a Hugging Face hub id"
+                )
+            return _load_hub(
+                spec, torch_dtype=options.torch_dtype, trust_remote_code=options.trust_remote_code
+            )
+    return _load_path(path, spec, options)
 
 
 def _load_tiny(
@@ -260,15 +236,7 @@ def _package_folder(package: str) -> Path | None:
 
 
 def _load_path(
-    path: Path,
-    *,
-    spec: str,
-    torch_dtype: torch.dtype | str,
-    seed: int,
-    tiny_sizes: Mapping[str, Any] | None,
-    cache_dir: str | os.PathLike[str] | None,
-    trust_remote_code: bool,
-    lora: Any,
+    path: Path, spec: str, options: _LoadOptions
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -276,25 +244,21 @@ def _load_path(
                 f"policy spec {spec!r}: {path} is a file but not a .gguf file; pass a model directory "
                 "(with config.json) or a .gguf file"
             )
-        hf_dir = convert_gguf(path, cache_dir=cache_dir)
-        model, tokenizer = _load_hf_dir(hf_dir, torch_dtype=torch_dtype, trust_remote_code=False)
+        # _convert_into is looked up here, at call time, so that tests can replace it on this module
+        hf_dir = convert_gguf(path, cache_dir=options.cache_dir, convert=_convert_into)
+        model, tokenizer = _load_hf_dir(hf_dir, torch_dtype=options.torch_dtype, trust_remote_code=False)
         # Adapters trained on this policy name the GGUF spec, not the cache folder, as their base.
         record = spec if spec.startswith("package:") else str(path.resolve())
         model.name_or_path = model.config.name_or_path = record
         return model, tokenizer
     if (path / "config.json").is_file():
-        return _load_hf_dir(path, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if (path / "adapter_config.json").is_file():
-        if lora is not None and lora is not False:
-            raise ValueError(f"policy spec {spec!r} is a LoRA adapter directory; pass lora=None to load it")
-        return _load_adapter_dir(
-            path,
-            torch_dtype=torch_dtype,
-            seed=seed,
-            tiny_sizes=tiny_sizes,
-            cache_dir=cache_dir,
-            trust_remote_code=trust_remote_code,
+        return _load_hf_dir(
+            path, torch_dtype=options.torch_dtype, trust_remote_code=options.trust_remote_code
         )
+    if (path / "adapter_config.json").is_file():
+        if options.lora is not None and options.lora is not False:
+            raise ValueError(f"policy spec {spec!r} is a LoRA adapter directory; pass lora=None to load it")
+        return _load_adapter_dir(path, options)
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     hint = f"; .gguf files in it: {ggufs} (pass one of them)" if ggufs else ""
     raise ValueError(
@@ -352,15 +316,7 @@ def _check_causal_lm(config: PretrainedConfig, source: str | Path, *, trust_remo
             )
 
 
-def _load_adapter_dir(
-    path: Path,
-    *,
-    torch_dtype: torch.dtype | str,
-    seed: int,
-    tiny_sizes: Mapping[str, Any] | None,
-    cache_dir: str | os.PathLike[str] | None,
-    trust_remote_code: bool,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_adapter_dir(path: Path, options: _LoadOptions) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from peft import PeftModel
 
     base_spec = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -370,17 +326,17 @@ def _load_adapter_dir(
         )
     base, tokenizer = load_policy(
         base_spec,
-        dtype=torch_dtype,
+        dtype=options.torch_dtype,
         device=None,
-        seed=seed,
-        tiny_sizes=tiny_sizes,
-        cache_dir=cache_dir,
-        trust_remote_code=trust_remote_code,
+        seed=options.seed,
+        tiny_sizes=options.tiny_sizes,
+        cache_dir=options.cache_dir,
+        trust_remote_code=options.trust_remote_code,
         padding_side=None,
     )
     model = PeftModel.from_pretrained(base, str(path), is_trainable=True)
     if (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
     return model, tokenizer
 
 
@@ -477,118 +433,6 @@ def _linear_leaf_names(model: PreTrainedModel) -> set[str]:
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and module is not head
     }
-
-
-# -------------------------------------------------------------------------------------------------------- GGUF cache
-def gguf_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where GGUF conversions live: ``cache_dir``, else ``$THINKTREE_CACHE/gguf``, else ``~/.cache/thinktree/gguf``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("THINKTREE_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "thinktree"
-    return base / "gguf"
-
-
-def gguf_cache_dir(
-    gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """The cache folder for one GGUF file: ``<root>/<stem>-<hash of resolved path, size, mtime>``."""
-    path = Path(gguf_path).expanduser().resolve()
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return gguf_cache_root(cache_dir) / f"{path.stem}-{key}"
-
-
-def convert_gguf(
-    gguf_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """The cached fp32 safetensors HF directory of a GGUF file, converting it first if there is none yet."""
-    path = Path(gguf_path).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"no such GGUF file: {path}")
-    target = gguf_cache_dir(path, cache_dir)
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        if _is_complete(target):  # another process converted it while we waited
-            return target
-        for leftover in target.parent.glob(
-            f".{target.name}.partial-*"
-        ):  # only a killed conversion leaves these
-            shutil.rmtree(leftover, ignore_errors=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-        try:
-            _convert_into(path, partial)
-            if target.exists():  # a folder without the marker: not ours to trust
-                shutil.rmtree(target)
-            os.rename(partial, target)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-    return target
-
-
-def _convert_into(path: Path, out: Path) -> None:
-    import transformers
-
-    logger.info("converting GGUF %s once into an fp32 safetensors cache at %s (~30 s on 2 cores)", path, out)
-    start = time.perf_counter()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"could not convert GGUF file {path}: {type(e).__name__}: {e}") from e
-    _strip_gguf_quantizer(model)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    stat = path.stat()
-    marker = {
-        "source": str(path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "transformers": transformers.__version__,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    (out / GGUF_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / GGUF_MARKER).is_file() and (folder / "config.json").is_file()
-
-
-def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
-    """Make a GGUF-loaded (already dequantised) model savable: ``save_pretrained`` refuses it otherwise."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    quant_config = getattr(model.config, "quantization_config", None)
-    method = getattr(quant_config, "quant_method", None)
-    if method is None and isinstance(quant_config, Mapping):
-        method = quant_config.get("quant_method")
-    if quantizer is None and quant_config is None:
-        return
-    if str(getattr(method, "value", method)).lower() != "gguf":
-        return
-    model.hf_quantizer = None
-    with contextlib.suppress(AttributeError):
-        del model.config.quantization_config
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``lock_path`` (POSIX ``flock``; released by the OS if the process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; the atomic rename still keeps the cache whole
-        yield
-        return
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------------------ describe and save
