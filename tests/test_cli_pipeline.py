@@ -160,9 +160,18 @@ def test_train_killed_mid_round_resumes_to_completion(tmp_path):
     assert (tmp_path / "round-02" / "checkpoint" / "config.json").exists()
 
 
-def test_two_process_round_shards_search_and_trains(tmp_path):
-    """``accelerate launch`` with 2 DDP processes on the CPU: each rank searches its shard (one tree store per rank,
-    so the world size really is 2), GRPO trains on all ranks' trees, rank 0 writes the summary."""
+@pytest.mark.parametrize(
+    "launch_config, use_cpu",
+    [
+        ("recipes/accelerate/cpu_ddp_2.yaml", True),
+        pytest.param("tests/dist/zero3_cpu.yaml", False, marks=pytest.mark.slow, id="zero3"),
+    ],
+    ids=["ddp", "zero3"],
+)
+def test_two_process_round_shards_search_and_trains(tmp_path, launch_config, use_cpu):
+    """``accelerate launch`` with 2 processes on the CPU (DDP; DeepSpeed ZeRO-3, whose partitioned weights are
+    gathered for each round's search): each rank searches its shard (one tree store per rank, so the world size
+    really is 2), GRPO trains on all ranks' trees for 2 rounds, rank 0 writes the summary."""
     import os
     import shutil
     import subprocess
@@ -172,17 +181,18 @@ def test_two_process_round_shards_search_and_trains(tmp_path):
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     root = Path(__file__).resolve().parents[1]
     cmd = [
-        launcher, "launch", "--config_file", str(root / "recipes/accelerate/cpu_ddp_2.yaml"),
-        "-m", "thinktree.trainer.cli", "train", *TINY, f"output.dir={tmp_path}", "rounds.num_rounds=1",
-        "rounds.prompts_per_round=4", "train.algo=grpo", "train.per_device_batch_size=2", "eval.methods=[greedy]",
-        "eval.health=false",
+        launcher, "launch", "--config_file", str(root / launch_config),
+        "-m", "thinktree.trainer.cli", "train", *TINY, f"output.dir={tmp_path}", "rounds.num_rounds=2",
+        "rounds.prompts_per_round=4", "train.algo=grpo", "train.per_device_batch_size=2", "train.grad_accum=2",
+        "eval.methods=[greedy]", "eval.health=false",
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"ACCELERATE_USE_CPU": "true"} if use_cpu else {})}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     shards = sorted(p.name for p in (tmp_path / "round-01").glob("trees*.jsonl"))
     assert shards == ["trees.rank0.jsonl", "trees.rank1.jsonl"]
     assert sum(len(TreeStore(tmp_path / "round-01" / s)) for s in shards) == 4
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert summary["rounds"][1]["trees"] == 4 and summary["rounds"][1]["advantage_records"] > 0
     assert summary["rounds"][1]["eval"]["greedy"]["num_prompts"] == 4  # merged over both ranks' shards

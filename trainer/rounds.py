@@ -25,10 +25,12 @@ rank 0 writes the shared files. SFT and DPO rounds use TRL's trainers, which dis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +89,23 @@ class Run:
     tokenizer: Any
     reference: Any = None
     """The round-0 policy, frozen (health metrics: KL drift)."""
+    engine: Any = None
+    """Under DeepSpeed ZeRO-3 only: the training engine that holds the partitioned weights."""
+
+    @contextlib.contextmanager
+    def policy(self) -> Iterator[Any]:
+        """The live policy for search and evaluation (ZeRO-3: parameters gathered; every rank must enter)."""
+        if self.engine is None:
+            yield self.model
+        else:
+            with self.engine.unwrap_for_generation() as model:
+                yield model
 
     def save(self, path: Path) -> str:
+        if self.engine is not None:
+            from thinktree.trainer.checkpoint import save_model
+
+            return str(save_model(self.engine, path, tokenizer=self.tokenizer).absolute())
         from thinktree.trainer.models import save_policy
 
         if self.topo.is_main:
@@ -117,20 +134,8 @@ def _check_recipe(cfg: RecipeConfig) -> None:
         )
     if cfg.eval.on_forgetting not in ("warn", "stop"):
         raise ConfigError(f"eval.on_forgetting must be 'warn' or 'stop', got {cfg.eval.on_forgetting!r}")
-    if cfg.rounds.num_rounds > 0 and cfg.train.algo in ("grpo", "ppo") and _zero_stage() == 3:
-        raise ConfigError(
-            "GRPO/PPO rounds under DeepSpeed ZeRO-3 are not supported yet (the round's search would need the "
-            "partitioned weights gathered); use ZeRO-2 or DDP for rounds — ZeRO-3 training steps themselves work"
-        )
     if cfg.rounds.num_rounds < 0:
         raise ConfigError(f"rounds.num_rounds must be >= 0, got {cfg.rounds.num_rounds}")
-
-
-def _zero_stage() -> int | None:
-    import os
-
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    return int(stage) if stage and stage.isdigit() else None
 
 
 def _sft_settings(cfg: RecipeConfig, *, warm: bool) -> SFTSettings:
@@ -186,14 +191,15 @@ def search_stage(run: Run, prompts: list, rdir: Path, seed: int) -> dict:
     reused = len(store.done_keys())
     if reused:
         log.info("round search: reusing %d stored trees from %s; searching the rest", reused, store.path)
-    proposer = make_proposer(run.model, run.tokenizer, run.cfg.search)
     outcome_fn, start = make_outcome_fn(run.task), time.perf_counter()
-    search_resumable(
-        store, run.topo.shard(prompts),
-        lambda chunk, rng, **kw: run_method(run.cfg.search.method, chunk, proposer, outcome_fn, run.cfg.search, rng, **kw),
-        rng=np.random.default_rng(seed), chunk_size=run.cfg.search.max_batch_size,
-        answer_fn=run.task.extract_answer,
-    )  # fmt: skip
+    with run.policy() as policy:
+        proposer = make_proposer(policy, run.tokenizer, run.cfg.search)
+        search_resumable(
+            store, run.topo.shard(prompts),
+            lambda chunk, rng, **kw: run_method(run.cfg.search.method, chunk, proposer, outcome_fn, run.cfg.search, rng, **kw),
+            rng=np.random.default_rng(seed), chunk_size=run.cfg.search.max_batch_size,
+            answer_fn=run.task.extract_answer,
+        )  # fmt: skip
     run.topo.barrier()
     trees = [t for s in _stores(rdir) for t in s.load()]
     summaries = [s for st in _stores(rdir) for s in st.results() if s]
@@ -243,8 +249,12 @@ def _train_policy_gradient(run: Run, trees: list, rdir: Path) -> dict:
     """GRPO on per-token tree advantages, or PPO with a value head.
 
     Each round builds a fresh engine (optimizer state starts anew every round, as in iterative self-training), so a
-    run resumed at a round boundary is the same run; the policy's weights are updated in place.
+    run resumed at a round boundary is the same run; the policy's weights are updated in place. Under ZeRO-3 the
+    weights stay partitioned inside the engine, so it is kept across rounds and the search and evaluation gather them
+    (:meth:`Run.policy`); there the optimizer state carries over from round to round.
     """
+    from thinktree.trainer.algos.engine import is_zero3
+
     t = run.cfg.train
     if t.algo == "grpo":
         from thinktree.trainer.algos.grpo import train_grpo as train_fn
@@ -258,9 +268,19 @@ def _train_policy_gradient(run: Run, trees: list, rdir: Path) -> dict:
     _write_signals(run, rdir, records)
     if not records:
         return {}
-    _, history = train_fn(
-        run.model, run.tokenizer, records, t, seed=run.cfg.seed, checkpoint_dir=rdir / "trainer"
+    engine, history = train_fn(
+        run.model,
+        run.tokenizer,
+        records,
+        t,
+        seed=run.cfg.seed,
+        checkpoint_dir=rdir / "trainer",
+        engine=run.engine,
     )
+    if is_zero3(
+        engine.accelerator
+    ):  # the weights now live partitioned in this engine: keep it for later rounds
+        run.engine = engine
     last = history[-1] if history else {}
     return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("train/")}
 
@@ -288,7 +308,7 @@ def train_stage(run: Run, rdir: Path) -> dict:
     return {**counts, **info, "train_time_s": time.perf_counter() - start}
 
 
-def health_stage(run: Run, eval_prompts: list, eval_rows, stages: Stages) -> dict:
+def health_stage(run: Run, policy, eval_prompts: list, eval_rows, stages: Stages) -> dict:
     """Compression, drift and forgetting of the current policy against round 0 (see :mod:`.health`)."""
     from thinktree.trainer import health
 
@@ -300,14 +320,14 @@ def health_stage(run: Run, eval_prompts: list, eval_rows, stages: Stages) -> dic
     solutions = list(eval_rows["solution"]) if "solution" in eval_rows.column_names else None
     traces = health.freeze_reference_traces(
         run.out / "health_traces.json", run.task, eval_prompts, solutions,
-        model=run.model, tokenizer=run.tokenizer, search_cfg=cfg.search,
+        model=policy, tokenizer=run.tokenizer, search_cfg=cfg.search,
     )  # fmt: skip
     retained = None
     if cfg.eval.retained_task:
         retained = {"task_name": cfg.eval.retained_task, "task_kwargs": cfg.eval.retained_kwargs,
                     "n": cfg.eval.retained_size, "seed": cfg.seed, "search_cfg": cfg.search}  # fmt: skip
     return health.health_metrics(
-        run.model, run.tokenizer, reference=run.reference, traces=traces,
+        policy, run.tokenizer, reference=run.reference, traces=traces,
         general_text_chunks=health.load_general_text(run.tokenizer), retained=retained, task=run.task,
         prompts=eval_prompts, search_cfg=cfg.search,
     )  # fmt: skip
@@ -366,12 +386,13 @@ def run_train(cfg: RecipeConfig) -> dict:
         row = stages.get(f"round-{r}/eval")
         if row is None:
             start = time.perf_counter()
-            evals = evaluate_policy(
-                run.model, tokenizer, run.task, eval_prompts, cfg, seed=cfg.seed, topo=topo
-            )
-            row = {"round": r, "eval": evals, "eval_time_s": time.perf_counter() - start}
-            if cfg.eval.health:
-                row.update(health_stage(run, eval_prompts, eval_rows, stages))
+            with run.policy() as policy:
+                evals = evaluate_policy(
+                    policy, tokenizer, run.task, eval_prompts, cfg, seed=cfg.seed, topo=topo
+                )
+                row = {"round": r, "eval": evals, "eval_time_s": time.perf_counter() - start}
+                if cfg.eval.health:
+                    row.update(health_stage(run, policy, eval_prompts, eval_rows, stages))
             for stage in ("search", "train"):
                 row.update(stages.get(f"round-{r}/{stage}") or {})
             stop = _forgetting(run, row, stages.get("round-0/eval"))
