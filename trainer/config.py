@@ -282,6 +282,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     base = origin or tp
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if base is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if base in (list, tuple) and isinstance(value, (list, tuple)):

@@ -269,18 +269,15 @@ def _train_policy_gradient(run: Run, trees: list, rdir: Path) -> dict:
     if not records:
         return {}
     engine, history = train_fn(
-        run.model,
-        run.tokenizer,
-        records,
-        t,
-        seed=run.cfg.seed,
-        checkpoint_dir=rdir / "trainer",
-        engine=run.engine,
-    )
-    if is_zero3(
-        engine.accelerator
-    ):  # the weights now live partitioned in this engine: keep it for later rounds
+        run.model, run.tokenizer, records, t, seed=run.cfg.seed, checkpoint_dir=rdir / "trainer", engine=run.engine
+    )  # fmt: skip
+    # Under ZeRO-3 the weights live partitioned in this engine now: keep it for later rounds.
+    if is_zero3(engine.accelerator):
         run.engine = engine
+    if run.topo.is_main:  # every optimiser step's metrics, for TensorBoard (see Reporter.round)
+        with open(rdir / "train_metrics.jsonl", "w") as f:
+            for m in history:
+                f.write(json.dumps(m) + "\n")
     last = history[-1] if history else {}
     return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("train/")}
 
