@@ -34,9 +34,7 @@ class StepRecord:
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
-            raise ValueError(
-                f"StepRecord: {len(self.token_ids)} token ids but {len(self.logprobs)} logprobs"
-            )
+            raise ValueError(f"StepRecord: {len(self.token_ids)} token ids but {len(self.logprobs)} logprobs")
 
     def to_dict(self) -> dict:
         return {
