@@ -64,7 +64,9 @@ def test_overrides_parse_yaml_values_and_dash_form():
     assert cfg.search.c_puct == 2.5 and isinstance(cfg.search, SearchConfig)
     assert cfg.task.kwargs == {"ops": [2, 2]}
     assert cfg.model.lora is None
-    assert load_config(None, ["train.learning_rate=5e-5"]).train.learning_rate == 5e-5  # YAML 1.1 reads a string
+    assert (
+        load_config(None, ["train.learning_rate=5e-5"]).train.learning_rate == 5e-5
+    )  # YAML 1.1 reads a string
     with pytest.raises(ConfigError, match="no value"):
         normalise_cli_overrides(["--seed"])
     with pytest.raises(ConfigError, match="section.field=value"):
