@@ -27,7 +27,7 @@ MAMBA_SIZES = {"hidden_size": 128, "num_hidden_layers": 5}
 METHODS: dict[str, list[str]] = {
     "tree_grpo": ["search.method=mcts", "train.algo=grpo", "train.advantage=treerl"],
     "iid_grpo": ["search.method=self_consistency", "train.algo=grpo", "train.advantage=grpo"],
-    "mcts_dpo": ["search.method=mcts", "train.algo=dpo", "train.learning_rate=1.0e-4", "train.steps=40"],
+    "mcts_dpo": ["search.method=mcts", "train.algo=dpo", "train.learning_rate=1.0e-5", "train.steps=40"],
 }
 
 
