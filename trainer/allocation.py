@@ -55,6 +55,7 @@ from thinktree.search.baselines import best_of_n
 from thinktree.search.budget import SearchResult
 from thinktree.search.types import Trajectory
 from thinktree.trainer.config import SearchConfig
+from thinktree.trainer.searching import accuracy_totals
 
 __all__ = [
     "RULES",
@@ -263,7 +264,6 @@ def _summary(
     rewards: list[float], covered: int, tokens: int, wall: float, difficulty: list[float], extra: list[int],
     num_bins: int,
 ) -> dict[str, Any]:  # fmt: skip
-    n = len(rewards)
     bins = [difficulty_bin(d, num_bins) for d in difficulty]
     per_bin = {
         str(b): {
@@ -274,12 +274,6 @@ def _summary(
         for b in range(num_bins)
     }
     return {
-        "num_prompts": n,
-        "accuracy": sum(1 for r in rewards if r >= 0.5) / n if n else 0.0,
-        "pass_at_k": covered / n if n else 0.0,
-        "mean_reward": sum(rewards) / n if n else 0.0,
-        "generated_tokens": tokens,
-        "tokens_per_prompt": tokens / n if n else 0.0,
-        "wall_time_s": wall,
+        **accuracy_totals(rewards, covered, tokens, wall),
         "allocation": {"difficulty": difficulty, "extra": extra, "bins": per_bin},
     }

@@ -133,7 +133,6 @@ def summarize(results: Sequence[SearchResult], wall_s: float | None = None) -> d
     ``pass_at_k``: the fraction of prompts with at least one correct finished solution anywhere in the tree (for
     best-of-N that is pass@N; for MCTS and beam, the coverage of the search).
     """
-    n = len(results)
     rewards = [r.reward or 0.0 for r in results]
     tokens = sum(r.budget.generated_tokens for r in results)
     wall = wall_s if wall_s is not None else max((r.budget.wall_time_s for r in results), default=0.0)
@@ -144,6 +143,17 @@ def summarize(results: Sequence[SearchResult], wall_s: float | None = None) -> d
         1 for r in results if any((r.tree.nodes[i].reward or 0.0) >= 0.5 for i in r.tree.terminal_leaves())
     )
     return {
+        **accuracy_totals(rewards, covered, tokens, wall),
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "backend": backend,
+    }
+
+
+def accuracy_totals(rewards: Sequence[float], covered: int, tokens: int, wall: float) -> dict[str, Any]:
+    """The fields every method summary shares: accuracy of the chosen answers (reward ≥ 0.5), pass@k (``covered``
+    prompts had a correct solution anywhere), mean reward, generated tokens (total and per prompt), wall time."""
+    n = len(rewards)
+    return {
         "num_prompts": n,
         "accuracy": sum(1 for x in rewards if x >= 0.5) / n if n else 0.0,
         "pass_at_k": covered / n if n else 0.0,
@@ -151,8 +161,6 @@ def summarize(results: Sequence[SearchResult], wall_s: float | None = None) -> d
         "generated_tokens": tokens,
         "tokens_per_prompt": tokens / n if n else 0.0,
         "wall_time_s": wall,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        "backend": backend,
     }
 
 

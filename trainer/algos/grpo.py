@@ -274,6 +274,16 @@ def train_grpo(
     engine: Engine | None = None,
 ) -> tuple[Engine, list[dict[str, float]]]:
     """Build (or reuse) an :class:`Engine` and run :meth:`GRPO.train`; returns the engine and per-step metrics."""
-    engine = engine or Engine(model, tokenizer, cfg)
+    return run_algorithm(GRPO, model, tokenizer, records, cfg, seed=seed, checkpoint_dir=checkpoint_dir,
+                         on_step_end=on_step_end, engine=engine)  # fmt: skip
+
+
+def run_algorithm(
+    algo: type[GRPO], model: Any, tokenizer: Any, records: Sequence[dict], cfg: TrainConfig, *, seed: int = 0,
+    checkpoint_dir: str | Path | None = None, on_step_end: Sequence[Callable[[Engine, dict[str, float]], None]] = (),
+    engine: Engine | None = None,
+) -> tuple[Engine, list[dict[str, float]]]:  # fmt: skip
+    """Build (or reuse) an :class:`Engine` (with a value head when ``algo`` trains one) and run ``algo.train``."""
+    engine = engine or Engine(model, tokenizer, cfg, value_head=algo.value_head)
     engine.on_step_end.extend(on_step_end)
-    return engine, GRPO(engine, seed=seed).train(records, checkpoint_dir=checkpoint_dir)
+    return engine, algo(engine, seed=seed).train(records, checkpoint_dir=checkpoint_dir)

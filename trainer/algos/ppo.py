@@ -46,7 +46,7 @@ from thinktree.trainer.signals.advantages import tree_advantages
 
 from .batching import Batch
 from .engine import Engine, ForwardOut
-from .grpo import GRPO, LossNorm
+from .grpo import GRPO, LossNorm, run_algorithm
 
 __all__ = ["PPO", "ppo_records", "step_gae", "train_ppo", "value_loss"]
 
@@ -185,6 +185,5 @@ def train_ppo(
     engine: Engine | None = None,
 ) -> tuple[Engine, list[dict[str, float]]]:
     """Build (or reuse) an :class:`Engine` with a value head and run :meth:`PPO.train`."""
-    engine = engine or Engine(model, tokenizer, cfg, value_head=True)
-    engine.on_step_end.extend(on_step_end)
-    return engine, PPO(engine, seed=seed).train(records, checkpoint_dir=checkpoint_dir)
+    return run_algorithm(PPO, model, tokenizer, records, cfg, seed=seed, checkpoint_dir=checkpoint_dir,
+                         on_step_end=on_step_end, engine=engine)  # fmt: skip
