@@ -253,18 +253,16 @@ def math_shepherd_labels(
         for leaf in ends:
             path = _path(nodes, leaf)[1:]
             labels: list = [ev[i].hard if kind == "hard" else ev[i].soft for i in path]
-            records.append(
-                {
-                    "prompt": d["prompt"],
-                    "completions": _texts(nodes, path),
-                    "labels": labels,
-                    "key": d.get("key", 0),
-                    "node": leaf,
-                }
-            )
+            records.append(_stepwise_record(d, nodes, leaf, path, labels))
             stats["steps"] += len(path)
     stats["records"] = len(records)
     return records, stats
+
+
+def _stepwise_record(d: Mapping, nodes: list[Mapping], leaf: int, path: list[int], labels: list) -> dict:
+    """One TRL stepwise-supervision record: the steps on ``path`` (root excluded) and one label per step."""
+    return {"prompt": d["prompt"], "completions": _texts(nodes, path), "labels": labels, "key": d.get("key", 0),
+            "node": leaf}  # fmt: skip
 
 
 def _rest_values(nodes: list[Mapping], ev: list[StepEvidence], leaf: int, pin_terminal: bool) -> list[float]:
@@ -306,15 +304,8 @@ def rest_value_labels(
             if leaf == _ROOT or not node.get("terminal"):
                 continue
             path = _path(nodes, leaf)[1:]
-            values = _rest_values(nodes, ev, leaf, pin_terminal)
             records.append(
-                {
-                    "prompt": d["prompt"],
-                    "completions": _texts(nodes, path),
-                    "labels": values,
-                    "key": d.get("key", 0),
-                    "node": leaf,
-                }
+                _stepwise_record(d, nodes, leaf, path, _rest_values(nodes, ev, leaf, pin_terminal))
             )
             stats["steps"] += len(path)
     stats["records"] = len(records)
