@@ -435,3 +435,27 @@ def test_smollm2_cache_matches_direct_gguf_load(smollm2_cache):
     text = "<|im_start|>user\n12+30=?<|im_end|>\n<|im_start|>assistant\n42"
     assert tok(text).input_ids == direct_tok(text).input_ids
     assert torch.equal(logits(model, tok, text), logits(direct, direct_tok, text))
+
+
+def test_tiny_mamba_parallel_scan_matches_reference_scan():
+    """The tiny Mamba trains with mambapy's parallel scan; loss and gradients equal transformers' sequential scan."""
+    pytest.importorskip("mambapy")
+    from transformers import AutoModelForCausalLM
+
+    from thinktree.trainer.tiny import tiny_config
+
+    x = torch.randint(4, 60, (3, 21), generator=torch.Generator().manual_seed(0))
+    grads, losses = [], []
+    for fast in (True, False):
+        cfg = tiny_config("mamba", vocab_size=64, hidden_size=32, num_hidden_layers=2)
+        assert cfg.use_mambapy
+        cfg.use_mambapy = fast
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).train()
+        assert model.backbone.layers[0].mixer.use_mambapy is fast
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
