@@ -7,6 +7,13 @@ What
     causal: the score of step ``k`` sees the prompt and steps ``1..k`` only). ``sigmoid(logit)`` ∈ [0, 1] is the
     estimated probability that the prefix ending at that step leads to a correct answer.
 
+    ``features="hidden+logprob"`` also feeds the head four numbers the backbone's OWN LM head gives in the same
+    forward pass: the mean and the minimum log-probability of the step's tokens, and the same two over all steps
+    so far (prompt excluded). A PRM initialised from the policy thus starts from what the policy already knows
+    about a step (an arithmetic slip is a low-probability token) and learns from the labels how much to trust
+    it (a new head starts as that confidence alone: weight 1 on the prefix mean, ~0 elsewhere); with the backbone fine-tuned, the LM head is part of the PRM and its probabilities move with it. (Close
+    in spirit to implicit PRMs, Yuan et al. 2024, which read process rewards off token log-probabilities.)
+
     :class:`PRMValueFn` adapts it to the search's ``ValueFn`` protocol (``__call__(trajectories) -> list[float]``,
     duck-typed, so this package does not import ``thinktree.search``), for MCTS leaf evaluation
     (``evaluation="value"|"mixed"``), best-of-N reranking and step-beam scoring. Whole solutions are scored by an
@@ -79,6 +86,8 @@ AGGREGATES = ("last", "min", "prod", "mean")
 HEAD_FILE = "value_head.safetensors"
 CONFIG_FILE = "prm_config.json"
 FORMAT = 1
+FEATURES = {"hidden": 0, "hidden+logprob": 4}
+"""Head input kinds → number of extra inputs next to the final hidden state (see the module doc)."""
 
 
 def aggregate_scores(scores: Sequence[float], how: str = "last") -> float:
@@ -127,6 +136,8 @@ class PRMConfig:
     """The spec the backbone came from (e.g. ``tiny:llama`` or a policy checkpoint), for the record."""
     backbone_format: str = "hf"
     """``hf`` (a full HF directory) or ``adapter`` (a peft adapter directory)."""
+    features: str = "hidden"
+    """What the head reads: ``hidden`` or ``hidden+logprob`` (see :data:`FEATURES`)."""
     format: int = FORMAT
 
 
@@ -140,23 +151,33 @@ class ProcessRewardModel(nn.Module):
         aggregate: str = "last",
         base: str | None = None,
         head: nn.Linear | None = None,
+        features: str = "hidden",
     ) -> None:
         super().__init__()
         check_causal(backbone.config)
         if aggregate not in AGGREGATES:
             raise ValueError(f"unknown aggregate {aggregate!r}; choose one of {AGGREGATES}")
+        if features not in FEATURES:
+            raise ValueError(f"unknown PRM features {features!r}; choose one of {tuple(FEATURES)}")
         hidden = _hidden_size(backbone.config)
-        if head is not None and (head.in_features != hidden or head.out_features != 1):
+        width = hidden + FEATURES[features]
+        if head is not None and (head.in_features != width or head.out_features != 1):
             raise ValueError(
                 f"value head has shape ({head.out_features}, {head.in_features}) but the backbone's hidden "
-                f"size is {hidden}: expected (1, {hidden})"
+                f"size is {hidden} with features {features!r}: expected (1, {width})"
             )
+        if features != "hidden" and backbone.get_output_embeddings() is None:
+            raise ValueError(f"features {features!r} need the backbone's LM head; {type(backbone).__name__} has none")
         self.backbone = backbone
-        self.head = head if head is not None else nn.Linear(hidden, 1)
+        self.features = features
+        self.head = head if head is not None else nn.Linear(width, 1)
         if head is None:
             nn.init.zeros_(self.head.bias)
             nn.init.normal_(self.head.weight, std=0.02)  # scores start near 0.5
-        self.config = PRMConfig(hidden_size=hidden, aggregate=aggregate, base=base)
+            if features == "hidden+logprob":
+                with torch.no_grad():  # start as the policy's confidence: sigmoid(mean log-prob of the steps so far)
+                    self.head.weight[0, hidden:] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+        self.config = PRMConfig(hidden_size=hidden, aggregate=aggregate, base=base, features=features)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``(batch, seq, hidden)`` of the backbone's decoder (LM head skipped)."""
@@ -172,11 +193,50 @@ class ProcessRewardModel(nn.Module):
         return out.hidden_states[-1]
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        starts: torch.Tensor | None = None,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Head logits at positions ``(rows[m], cols[m])`` of the batch: shape ``(M,)``."""
-        h = self.hidden_states(input_ids, attention_mask)[rows, cols]
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)
+        """Head logits at positions ``(rows[m], cols[m])`` of the batch: shape ``(M,)``.
+
+        ``starts[m]`` / ``first[m]`` (from :meth:`StepEncoder.batch`) are the first token of boundary ``m``'s step
+        and of the row's first step; only ``features="hidden+logprob"`` needs them.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask)
+        h = hidden[rows, cols].to(self.head.weight.dtype)
+        if self.features != "hidden":
+            if starts is None or first is None:
+                raise ValueError(f"PRM features {self.features!r} need the batch's 'starts' and 'first' positions")
+            h = torch.cat([h, self.logprob_features(hidden, input_ids, rows, cols, starts, first).to(h.dtype)], -1)
+        return self.head(h).squeeze(-1)
+
+    def logprob_features(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        starts: torch.Tensor,
+        first: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(M, 4)``: mean and min token log-probability of each boundary's step, then of all steps so far
+        (0 where the span is empty, e.g. the prompt boundary). Tokens are scored by the backbone's LM head."""
+        logits = self.backbone.get_output_embeddings()(hidden[:, :-1]).float()
+        tok = torch.gather(logits, -1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        lp = torch.cat([tok.new_zeros(tok.shape[0], 1), tok], 1)[rows]  # (M, T); lp[:, t] = log p(token t)
+        pos = torch.arange(lp.shape[1], device=lp.device)[None]
+        out = []
+        for lo in (starts, first):
+            span = (pos >= lo[:, None]) & (pos <= cols[:, None])
+            n = span.sum(-1)
+            mean = torch.where(span, lp, 0.0).sum(-1) / n.clamp(min=1)
+            low = torch.where(span, lp, torch.inf).amin(-1)
+            out += [mean, torch.where(n > 0, low, 0.0)]
+        return torch.stack(out, -1)
 
     def save_pretrained(self, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:
         """Write the checkpoint directory (atomically: a temporary folder renamed into place)."""
@@ -237,15 +297,20 @@ def load_prm(
     if weight is None or "bias" not in state:
         raise ValueError(f"{d / HEAD_FILE} lacks 'weight'/'bias' (keys: {sorted(state)})")
     hidden = _hidden_size(backbone.config)
-    if tuple(weight.shape) != (1, hidden) or int(cfg.get("hidden_size", hidden)) != hidden:
+    features = cfg.get("features", "hidden")
+    if features not in FEATURES:
+        raise ValueError(f"PRM checkpoint {d}: unknown features {features!r} in {CONFIG_FILE}")
+    width = hidden + FEATURES[features]
+    if tuple(weight.shape) != (1, width) or int(cfg.get("hidden_size", hidden)) != hidden:
         raise ValueError(
             f"PRM checkpoint {d}: value head weight has shape {tuple(weight.shape)} (config hidden_size "
-            f"{cfg.get('hidden_size')}) but the backbone's hidden size is {hidden}: expected (1, {hidden})"
+            f"{cfg.get('hidden_size')}, features {features!r}) but the backbone's hidden size is {hidden}: "
+            f"expected (1, {width})"
         )
-    head = nn.Linear(hidden, 1)
+    head = nn.Linear(width, 1)
     head.load_state_dict(state)
     prm = ProcessRewardModel(
-        backbone, aggregate=cfg.get("aggregate", "last"), base=cfg.get("base"), head=head
+        backbone, aggregate=cfg.get("aggregate", "last"), base=cfg.get("base"), head=head, features=features
     )
     tokenizer = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").is_file() else None
     return prm.to(device).eval(), tokenizer
@@ -292,23 +357,41 @@ class StepEncoder:
             raise ValueError(f"trajectory of {len(ids)} tokens exceeds the backbone context ({self.context})")
         return ids, ends
 
-    def batch(self, encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``/``attention_mask`` plus flat ``rows``/``cols`` of every boundary."""
-        width = max(len(ids) for ids, _ in encoded)
+    def batch(
+        self, encoded: Sequence[tuple[list[int], list[int]] | tuple[list[int], list[int], list[int]]]
+    ) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``/``attention_mask`` plus flat ``rows``/``cols`` of every boundary, the first
+        token of each boundary's step (``starts``) and of its row's first step (``first``).
+
+        Items are :meth:`encode`'s ``(ids, ends)``, or ``(ids, ends, all_ends)`` where ``ends`` is a suffix of
+        the boundaries ``all_ends`` (what ``encode`` returned) to read, so the spans stay those of the whole
+        trajectory.
+        """
+        width = max(len(item[0]) for item in encoded)
         input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
         rows: list[int] = []
         cols: list[int] = []
-        for r, (ids, ends) in enumerate(encoded):
+        starts: list[int] = []
+        first: list[int] = []
+        for r, (ids, ends, *rest) in enumerate(encoded):
+            all_ends = rest[0] if rest else ends
             input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[r, : len(ids)] = 1
             rows += [r] * len(ends)
             cols += ends
+            off = len(all_ends) - len(ends)
+            if off < 0 or list(all_ends[off:]) != list(ends):
+                raise ValueError(f"boundaries {ends} are not a suffix of the trajectory's {all_ends}")
+            starts += [all_ends[off + j - 1] + 1 if off + j else e + 1 for j, e in enumerate(ends)]
+            first += [all_ends[0] + 1] * len(ends)
         return {
             "input_ids": input_ids,
             "attention_mask": mask,
             "rows": torch.tensor(rows, dtype=torch.long),
             "cols": torch.tensor(cols, dtype=torch.long),
+            "starts": torch.tensor(starts, dtype=torch.long),
+            "first": torch.tensor(first, dtype=torch.long),
         }
 
 

@@ -406,3 +406,84 @@ def test_two_process_deepspeed_zero2_on_cpu(tmp_path):
     config = tmp_path / "zero2.yaml"
     config.write_text(ZERO2_CONFIG)
     _launch(tmp_path, ["--config_file", str(config)], "DEEPSPEED")
+
+
+# ------------------------------------------------------------------------------- log-probability features
+def _manual_features(model, tok, prompt: str, steps: tuple[str, ...]) -> list[list[float]]:
+    """[step mean, step min, prefix mean, prefix min] of every boundary, from a plain forward pass."""
+    enc = StepEncoder(tok)
+    ids, ends = enc.encode(prompt, steps)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    lp = [0.0] + [float(torch.log_softmax(logits[t - 1], -1)[ids[t]]) for t in range(1, len(ids))]
+    out = []
+    for k, e in enumerate(ends):
+        step = lp[ends[k - 1] + 1 : e + 1] if k else []
+        pref = lp[ends[0] + 1 : e + 1]
+        out.append([
+            sum(step) / len(step) if step else 0.0, min(step) if step else 0.0,
+            sum(pref) / len(pref) if pref else 0.0, min(pref) if pref else 0.0,
+        ])  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "mamba"])
+def test_logprob_features_match_a_plain_forward_pass(arch):
+    model, tok = build_tiny_model(arch, seed=0, hidden_size=32)
+    prm = ProcessRewardModel(model, features="hidden+logprob").double().eval()
+    steps = ("3*2=6\n", "", "1+6=7\n", "Answer: 7")
+    enc = StepEncoder(tok)
+    batch = enc.batch([enc.encode("1+3*2=?\n", steps), enc.encode("4-1=?\n", ("4-1=3\n",))])
+    with torch.no_grad():
+        h = prm.hidden_states(batch["input_ids"], batch["attention_mask"])
+        feats = prm.logprob_features(
+            h, batch["input_ids"], batch["rows"], batch["cols"], batch["starts"], batch["first"]
+        )
+    expected = _manual_features(model, tok, "1+3*2=?\n", steps) + _manual_features(
+        model, tok, "4-1=?\n", ("4-1=3\n",)
+    )
+    np.testing.assert_allclose(feats.numpy(), np.array(expected), atol=1e-5)  # Mamba: float32 logits
+    assert feats[0].abs().sum() == 0  # the prompt boundary has no step tokens
+    np.testing.assert_allclose(feats[2, 2:].numpy(), feats[1, 2:].numpy())  # an empty step: no tokens of its own,
+    assert feats[2, :2].abs().sum() == 0  # the same steps so far
+
+
+def test_logprob_prm_starts_as_policy_confidence_and_round_trips(tmp_path):
+    model, tok = build_tiny_model("llama", seed=1, hidden_size=32)
+    prm = ProcessRewardModel(model, features="hidden+logprob")
+    with torch.no_grad():
+        prm.head.weight[0, :32] = 0.0  # leave only the log-probability prior
+    vf = PRMValueFn(prm, tok)
+    items = [traj("1+3*2=?\n", s) for s in (("3*2=6\n", "1+6=7\n"), ("3*2=9\n", "1+9=10\n"), ("7\n",))]
+    conf = [_manual_features(model, tok, t.prompt, tuple(x.text for x in t.steps))[-1][2] for t in items]
+    scores = vf(items)
+    assert np.argsort(scores).tolist() == np.argsort(conf).tolist()
+    save_prm_checkpoint(prm, tok, tmp_path / "prm")
+    assert json.loads((tmp_path / "prm" / "prm_config.json").read_text())["features"] == "hidden+logprob"
+    loaded, tok2 = load_prm(tmp_path / "prm")
+    assert loaded.features == "hidden+logprob"
+    np.testing.assert_allclose(PRMValueFn(loaded, tok2)(items), scores, atol=1e-6)
+    # a hidden-only head file under a logprob config (and the reverse) is refused with both shapes named
+    save_file({"weight": torch.zeros(1, 32), "bias": torch.zeros(1)}, str(tmp_path / "prm" / HEAD_FILE))
+    with pytest.raises(ValueError, match=r"\(1, 32\).*features 'hidden\+logprob'.*expected \(1, 36\)"):
+        load_prm(tmp_path / "prm")
+    with pytest.raises(ValueError, match="unknown PRM features"):
+        ProcessRewardModel(model, features="logits")
+    with pytest.raises(ValueError, match="need the batch's 'starts'"):
+        b = StepEncoder(tok).batch([StepEncoder(tok).encode("1=?\n", ("1\n",))])
+        prm(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
+
+
+def test_logprob_prm_trains_head_only_and_keeps_the_backbone():
+    model, tok = build_tiny_model("llama", seed=2, hidden_size=32)
+    prm = ProcessRewardModel(model, features="hidden+logprob")
+    before = {k: v.clone() for k, v in prm.backbone.state_dict().items()}
+    fit = train_prm(
+        prm,
+        tok,
+        LABELLED,
+        PRMSettings(steps=30, learning_rate=1e-2, per_device_batch_size=4, head_only=True, log_every=0),
+    )
+    assert fit["loss_last"] < fit["loss_first"]
+    for k, v in prm.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -128,9 +128,9 @@ def _collate(encoder: StepEncoder, objective: str, examples: list) -> Any:
             enc = [encoder.encode(p, [c]) for p, c, _ in items] + [
                 encoder.encode(p, [r]) for p, _, r in items
             ]
-            enc = [(ids, ends[-1:]) for ids, ends in enc]  # read only the last step
+            enc = [(ids, ends[-1:], ends) for ids, ends in enc]  # read only the last step
             return encoder.batch(enc)
-        enc = [(ids, ends[1:]) for ids, ends in (encoder.encode(p, s) for p, s, _ in items)]
+        enc = [(ids, ends[1:], ends) for ids, ends in (encoder.encode(p, s) for p, s, _ in items)]
         batch = encoder.batch(enc)
         batch["labels"] = torch.tensor([y for _, _, ys in items for y in ys], dtype=torch.float32)
         return batch
@@ -200,7 +200,7 @@ def train_prm(
     losses, start, step = [], time.perf_counter(), 0
     while step < settings.steps:
         for batch in loader:
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"})
             loss = _loss(settings.objective, logits.float(), batch.get("labels"))
             acc.backward(loss)
             if settings.max_grad_norm:
