@@ -314,3 +314,26 @@ def test_empty_file(tmp_path: Path) -> None:
     f.write_text("\n\n")
     with pytest.raises(ValueError, match="no rows"):
         get_task("gsm8k", path=f).load("test")
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        ("45*2=90\n", True),
+        ("23+90=113", True),
+        ("113-7=106\n", True),
+        ("3-8=-5", True),
+        ("24-2=28\n", False),
+        ("5+7=13", False),
+        ("Answer: 106", None),
+        ("45*2", None),
+        ("", None),
+    ],
+)
+def test_arith_step_check(step: str, expected: bool | None) -> None:
+    from thinktree.rewards.tasks.arith import ArithTask
+
+    assert ArithTask.step_is_correct(step) is expected
+    worked = get_task("arith", ops=(3, 3), digits=2).load("train", n=20, seed=0)
+    for row in worked:  # every line of a worked solution is right
+        assert all(ArithTask.step_is_correct(s) is not False for s in row["solution"].split("\n"))

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 _ANSWER_RE = re.compile(r"Answer\s*:\s*(-?\d+)")
 _INT_RE = re.compile(r"-?\d+")
 _MAX_DIGITS = 30
+_STEP_RE = re.compile(r"^\s*(-?\d{1,30})\s*([+\-*])\s*(-?\d{1,30})\s*=\s*(-?\d{1,30})\s*$")
 
 
 def solve_steps(numbers: list[int], ops: list[str]) -> tuple[list[str], int]:
@@ -144,3 +145,16 @@ class ArithTask(Task):
         if got is None or len(got) > _MAX_DIGITS:
             return 0.0
         return 1.0 if int(got) == int(str(answer).strip()) else 0.0
+
+    @staticmethod
+    def step_is_correct(step: str) -> bool | None:
+        """Whether a ``a<op>b=c`` step line is arithmetically right (None for any other line, e.g. ``Answer:``).
+
+        A local check only: it does not see whether ``a`` and ``b`` were copied from the right place. Used to
+        measure how many outcome-correct solutions reached their answer through a wrong step ("lucky" paths).
+        """
+        m = _STEP_RE.match(step)
+        if m is None:
+            return None
+        a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        return c == (a + b if op == "+" else a - b if op == "-" else a * b)
