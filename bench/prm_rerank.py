@@ -6,9 +6,11 @@ Stages (tiny Llama on ``arith``, CPU):
    steps, so its sampled accuracy is mid-range (wrong and right answers both occur).
 2. **Trees** — MCTS (``run_method("mcts")``, rollout evaluation) on train prompts; every tree holds terminal
    leaves and rollouts, i.e. Monte-Carlo evidence for every expanded step.
-3. **PRM** — Math-Shepherd labels (``math_shepherd_labels``) of 80% of the trees train a PRM (BCE on soft labels)
-   with two backbones: a copy of the policy and a fresh random tiny model; step accuracy / AUC are measured on
-   the other 20% of the trees (hard labels, each distinct prefix once).
+3. **PRM** — Math-Shepherd hard labels (``math_shepherd_labels``) of 80% of the trees train a PRM (BCE): the head
+   reads the backbone's final hidden state and the policy's own token log-probabilities
+   (``features=hidden+logprob``); backbone a frozen copy of the policy (``--train-backbone`` fine-tunes it;
+   ``--backbones fresh`` adds a random tiny model); an untrained log-probability scorer is measured alongside.
+   Step accuracy / AUC on the other 20% of the trees (each distinct prefix once).
 4. **Best-of-8** — on held-out TEST prompts, ``best_of_n`` with the temperature-1 proposer samples 8 solutions
    per prompt ONCE; every selection rule is applied to the same samples: majority vote, PRM argmax
    (``best_value``, aggregates last/min/prod/mean) and PRM-weighted vote. The search's own
@@ -18,19 +20,21 @@ Stages (tiny Llama on ``arith``, CPU):
 
 Output: a table (with exact McNemar tests of each PRM rule against majority vote on the same prompts), then one
 JSON line ``{prm_rerank_acc, majority_acc, n_prompts, step_auc, ...}``.
-Run: ``.venv/bin/python bench/prm_rerank.py`` (defaults: 6 min wall on 2 busy CPU cores, 1 torch thread);
+Run: ``.venv/bin/python bench/prm_rerank.py [--policy CKPT] [--save-prm DIR]`` (about 3 min wall on 2 busy CPU
+cores, 1 torch thread; without ``--policy`` it first SFT-trains its own 2-layer policy);
 ``--quick`` for a smoke run; ``--help`` for the knobs. Departures from the papers: :mod:`thinktree.trainer.algos.prm`.
 
-Result of the default run (seed 0; 2026-11-27, 2 shared CPU cores, 6m03s): the policy samples 26% correct, majority
-of 8 gets 0.379 on 256 test prompts, pass@8 0.738. The PRM (either backbone) ranks held-out steps with AUC 0.73-0.74
-but mostly by prompt difficulty; within a prompt it barely separates right from wrong (pairwise ~0.55), so its
-argmax over 8 samples picks 0.16-0.21 — significantly WORSE than majority (16 vs 69 discordant prompts, p < 1e-8) and
-below a random pick: wrong samples are diverse, right ones repeat one text, so the maximum of a noisy score lands on
-a wrong outlier. PRM-weighted vote ties majority (0.33-0.38, p ≥ 0.5 except fresh/prod, which is worse). MCTS with
-the PRM as value_fn runs (0.44 vs 0.59 with rollouts, 32 prompts). More trees (2,300), BT on PPM pairs, LoRA, a
-linear probe or soft labels did not change the picture in side runs: the tiny PRM memorises training pairs without
-generalising, while the policy's own step log-probability prefers the right sibling 77% of the time. The goal (PRM
-beats majority at best-of-8) is NOT met at this scale.
+Measured (2026-11-27, 2 shared CPU cores, one torch thread; ``--policy`` = the seed-0 warm-start checkpoint of
+``bench/results.py``, a 4-layer tiny Llama; other flags default): trees of 1,000 train prompts → 7,877 labelled
+steps; the policy samples solve 74.3 % of 1,000 test prompts at least once in 8 (oracle), majority of 8 gets 51.9 %.
+PRM-weighted vote 53.7 % (37 prompts won / 19 lost vs majority, exact McNemar p = 0.022); PRM argmax 52.7 % (`last`,
+p = 0.51) and 53.7 % (`min`, p = 0.11); held-out step AUC 0.884. The untrained baseline — argmax of the policy's own
+mean token log-probability — gets 54.0 % (p = 0.04): most of what the PRM knows comes from the policy's
+log-probabilities, which is why the head reads them (``features=hidden+logprob``). Earlier designs, measured the same
+way on 256 prompts: a head on the hidden state alone (2-layer policy, fine-tuned) picked 17 % vs majority 38 %;
+fine-tuning the backbone with the log-probability features (lr 3e-5 or 3e-4) 30-40 % vs 57 %: fine-tuning on
+Math-Shepherd labels teaches prompt difficulty, not which sample of a prompt is right, so the backbone stays frozen
+by default. MCTS with the PRM as leaf value (no rollouts) runs: 0.50 vs 0.56 with rollouts on 32 prompts.
 """
 
 from __future__ import annotations
@@ -50,7 +54,14 @@ from thinktree.rewards import get_task
 from thinktree.rewards.labels import math_shepherd_labels
 from thinktree.rewards.prm import AGGREGATES, PRMValueFn, ProcessRewardModel
 from thinktree.search.baselines import best_of_n
-from thinktree.trainer.algos.prm import PRMSettings, paired_test, rerank_metrics, step_metrics, train_prm
+from thinktree.trainer.algos.prm import (
+    PRMSettings,
+    paired_test,
+    rerank_metrics,
+    save_prm_checkpoint,
+    step_metrics,
+    train_prm,
+)
 from thinktree.trainer.algos.sft import SFTSettings, train_sft
 from thinktree.trainer.config import SearchConfig
 from thinktree.trainer.models import load_policy
@@ -70,11 +81,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--simulations", type=int, default=16)
     p.add_argument("--children", type=int, default=3)
     p.add_argument("--prm-steps", type=int, default=1000)
-    p.add_argument("--prm-lr", type=float, default=3e-4)
+    p.add_argument("--prm-lr", type=float, default=3e-3)
     p.add_argument("--prm-batch", type=int, default=16)
     p.add_argument("--label-kind", choices=("soft", "hard"), default="hard")
-    p.add_argument("--backbones", default="policy,fresh", help="comma list of: policy, fresh")
-    p.add_argument("--test-prompts", type=int, default=256)
+    p.add_argument(
+        "--train-backbone", action="store_true",
+        help="fine-tune the backbone too (default: frozen, head only; fine-tuning measured worse, see above)",
+    )  # fmt: skip
+    p.add_argument("--backbones", default="policy", help="comma list of: policy, fresh")
+    p.add_argument(
+        "--features", default="hidden+logprob", choices=("hidden", "hidden+logprob"),
+        help="what the PRM head reads (thinktree.rewards.prm.FEATURES)",
+    )  # fmt: skip
+    p.add_argument(
+        "--policy", default=None, help="policy checkpoint to use instead of a fresh SFT warm start"
+    )
+    p.add_argument("--save-prm", default=None, help="save the primary PRM here (a load_prm directory)")
+    p.add_argument("--test-prompts", type=int, default=1000)
     p.add_argument("--n", type=int, default=8, help="best-of-n samples per test prompt")
     p.add_argument("--value-mcts-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -128,12 +151,23 @@ def train_one(args, kind: str, policy, tokenizer, train_recs) -> tuple[ProcessRe
             tiny_sizes={"hidden_size": args.hidden, "num_hidden_layers": args.layers},
         )
     torch.manual_seed(args.seed)
-    prm = ProcessRewardModel(backbone, base=kind)
+    prm = ProcessRewardModel(backbone, base=kind, features=args.features)
     settings = PRMSettings(
         objective="bce", steps=args.prm_steps, learning_rate=args.prm_lr, per_device_batch_size=args.prm_batch,
-        seed=args.seed, log_every=100,
+        seed=args.seed, log_every=100, head_only=not args.train_backbone,
     )  # fmt: skip
     return prm, train_prm(prm, tokenizer, train_recs, settings)
+
+
+def logprob_scorer(policy) -> ProcessRewardModel:
+    """An untrained PRM whose score is the policy's mean token log-probability over all steps so far (the
+    ``hidden+logprob`` head with every weight 0 except 1 on that feature): what reranking gets for free."""
+    prm = ProcessRewardModel(copy.deepcopy(policy), base="policy-logprob", features="hidden+logprob")
+    with torch.no_grad():
+        prm.head.weight.zero_()
+        prm.head.bias.zero_()
+        prm.head.weight[0, -2] = 1.0  # features: step mean, step min, prefix mean, prefix min
+    return prm.eval()
 
 
 def bon_groups(results, value_fn: PRMValueFn, answer_fn, aggregate: str) -> list[list[dict]]:
@@ -164,10 +198,15 @@ def main() -> None:
     times: dict[str, float] = {}
     task = get_task("arith", ops=tuple(args.ops), digits=args.digits)
     sizes = {"hidden_size": args.hidden, "num_hidden_layers": args.layers}
-    policy, tok = load_policy("tiny:llama", seed=args.seed, tiny_sizes=sizes)
     train_rows = list(task.load("train", n=args.sft_rows, seed=args.seed))
     test_rows = list(task.load("test", n=args.test_prompts, seed=args.seed))
-    info = warm_start(args, task, tok, policy, train_rows)
+    if args.policy:
+        policy, tok = load_policy(args.policy)
+        info: dict = {"policy": args.policy}
+    else:
+        policy, tok = load_policy("tiny:llama", seed=args.seed, tiny_sizes=sizes)
+        info = warm_start(args, task, tok, policy, train_rows)
+    policy.eval()
     times["sft"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -190,8 +229,18 @@ def main() -> None:
         )
         times[f"prm_{kind}"] = time.perf_counter() - t
 
+    if "policy" in args.backbones.split(
+        ","
+    ):  # zero-training baseline: the policy's own token log-probabilities
+        prms["logprob"] = (PRMValueFn(logprob_scorer(policy), tok, aggregate="last", batch_size=64), {})
+        prms["logprob"] = (prms["logprob"][0], step_metrics(prms["logprob"][0], val_recs))
+
     t = time.perf_counter()
     primary = next(iter(prms))
+    if args.save_prm:
+        vf = prms[primary][0]
+        save_prm_checkpoint(vf.prm, tok, args.save_prm)
+        print(f"saved the {primary} PRM to {args.save_prm}")
     test_prompts = make_prompts(task, test_rows)
     proposer = make_proposer(policy, tok, search_cfg(args), temperature=1.0)
     bon = best_of_n(
@@ -279,6 +328,7 @@ def report(args, rows, prms, primary, search_bv, mcts_acc, train_stats, val_stat
         "oracle_acc": head["oracle_acc"],
         "n_prompts": head["n_prompts"],
         "n": args.n,
+        "value_mcts_prompts": args.value_mcts_prompts,
         "step_auc": head["step_auc"],
         "step_acc": head["step_acc"],
         "primary": f"{primary}/last",

@@ -62,7 +62,8 @@ def machine() -> dict[str, Any]:
 
 
 def lane_a(work: Path, sizes: dict[str, Any], quick: bool) -> dict[str, Any]:
-    """Learning curves per seed (Llama), then the test-time grid on seed 0's warm start, then the PRM bench."""
+    """Learning curves per seed (Llama), then the test-time grid on seed 0's warm start, then the PRM bench on the
+    same checkpoint and the test-time cells that use its PRM."""
     out: dict[str, Any] = {}
     lw = work / "learning"
     lw.mkdir(parents=True, exist_ok=True)
@@ -70,10 +71,15 @@ def lane_a(work: Path, sizes: dict[str, Any], quick: bool) -> dict[str, Any]:
         out[f"learning_seed{seed}"] = cached_part(
             lw, f"seed{seed}", lambda s=seed: learning.run_seed(lw, sizes, s)
         )
-    ckpt = lw / f"seed{sizes['seeds'][0]}" / "warm_start" / "warm_start" / "checkpoint"
-    out["ablate"] = cached_part(work, "ablate", lambda: parts.test_time(work, sizes, str(ckpt)))
+    ckpt = str(lw / f"seed{sizes['seeds'][0]}" / "warm_start" / "warm_start" / "checkpoint")
+    out["ablate"] = cached_part(work, "ablate", lambda: parts.test_time(work, sizes, ckpt))
     if sizes["prm"]:
-        out["prm"] = cached_part(work, "prm", lambda: parts.prm_rerank(work, quick))
+        out["prm"] = cached_part(work, "prm", lambda: parts.prm_rerank(work, quick, ckpt))
+        if "error" not in out["prm"]:
+            prm = out["prm"]["checkpoint"]
+            out["ablate_prm"] = cached_part(
+                work, "ablate_prm", lambda: parts.test_time(work, sizes, ckpt, prm)
+            )
     if quick:  # balances the lanes: the quick learning lane is short, the SmolLM one is not
         out["real_data"] = cached_part(work, "real_data", lambda: parts.real_data(work, sizes))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -19,12 +20,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "quick": {
         "seeds": [0], "rounds": 1, "prompts_per_round": 16, "eval_size": 32, "ws_steps": 150,
         "smol_train": 3, "smol_eval": 6, "smol_rounds": 1, "smol_steps": 2, "gsm8k_n": 2, "math_n": 1,
-        "ablate_eval": 24, "prm": False, "mamba_max_step_s": 2.0, "mamba_probe_timeout": 400,
+        "ablate_eval": 24, "lr_sweep": [], "prm": True, "mamba_max_step_s": 0.0, "mamba_probe_timeout": 400,
     },
     "full": {
         "seeds": [0, 1], "rounds": 3, "prompts_per_round": 64, "eval_size": 256, "ws_steps": 600,
         "smol_train": 16, "smol_eval": 32, "smol_rounds": 1, "smol_steps": 8, "gsm8k_n": 16, "math_n": 10,
-        "ablate_eval": 64, "prm": False, "mamba_max_step_s": 2.0, "mamba_probe_timeout": 600,
+        "ablate_eval": 64, "lr_sweep": [1.0e-4, 2.0e-4], "prm": True, "mamba_max_step_s": 2.0, "mamba_probe_timeout": 600,
     },
 }  # fmt: skip
 """Experiment sizes per mode (seeds, rounds, prompts, eval sizes) — the page prints the ones it used."""
@@ -83,6 +84,8 @@ def cached_part(work: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict
     if path.exists():
         data = json.loads(path.read_text())
         data["reused"] = True
+        mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+        data.setdefault("finished_utc", mtime.strftime("%Y-%m-%d %H:%M UTC"))
         return data
     start = time.perf_counter()
     try:
@@ -90,6 +93,7 @@ def cached_part(work: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict
     except Exception as e:  # a failed part is reported on the page, not fatal to the others
         data = {"error": f"{type(e).__name__}: {e}"}
     data["part_wall_s"] = time.perf_counter() - start
+    data["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if "error" not in data:
         path.write_text(json.dumps(data, indent=1))
     return data

@@ -16,6 +16,7 @@ Each run is resumable by its output dir (``runs/results/<mode>/learning/...``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,15 +92,58 @@ def run_seed(root: Path, sizes: dict[str, Any], seed: int) -> dict[str, Any]:
             extra = [*extra, f"search.num_samples={n}"]
         s = train(base / name, [*from_ckpt, *extra], log)
         out[name] = {"curve": curve(s), "wall_s": s["wall_s"], "overrides": extra}
+    out["tree_grpo"]["paths"] = path_audit(base / "tree_grpo")
+    if seed == sizes["seeds"][0] and sizes["lr_sweep"]:
+        out.update(lr_sensitivity(base, sizes, from_ckpt, ckpt, log))
     return out
+
+
+def lr_sensitivity(base: Path, sizes: dict[str, Any], from_ckpt: list[str], ckpt: str, log: Path) -> dict:
+    """Tree-GRPO with only the learning rate changed (the recipe's rate is the main row), then the first swept
+    run's round 1 redone under controlled advantages (``bench/lucky_paths.py``)."""
+    sweep = {}
+    for lr in sizes["lr_sweep"]:
+        run = base / f"tree_grpo_lr{lr}"
+        s = train(run, [*from_ckpt, *METHODS["tree_grpo"], f"train.learning_rate={lr}"], log)
+        sweep[str(lr)] = {"curve": curve(s), "wall_s": s["wall_s"], "paths": path_audit(run)}
+    run = base / f"tree_grpo_lr{sizes['lr_sweep'][0]}"
+    data, wall = run_json(
+        [PY, str(ROOT / "bench" / "lucky_paths.py"), "--run", str(run), "--checkpoint", ckpt],
+        base / "lucky_paths.log",
+    )
+    return {"lr_sweep": sweep, "lucky_paths": {**data, "run": run.name, "wall_s": wall}}
+
+
+def path_audit(run: Path) -> dict[str, int]:
+    """Terminal leaves of a run's search trees (all rounds) by outcome and by whether every ``a<op>b=c`` step is
+    arithmetically right (``ArithTask.step_is_correct``): ``correct_dirty`` counts "lucky" paths, rewarded
+    although a step is wrong."""
+    from thinktree.rewards.tasks.arith import ArithTask
+
+    counts = {"correct_clean": 0, "correct_dirty": 0, "wrong_clean": 0, "wrong_dirty": 0}
+    for trees in sorted(run.glob("round-*/trees.jsonl")):
+        for line in trees.read_text().splitlines():
+            nodes = json.loads(line)["tree"]["nodes"]
+            for i, node in enumerate(nodes):
+                if not node["terminal"]:
+                    continue
+                steps, j = [], i
+                while j >= 0 and nodes[j]["step"] is not None:
+                    steps.append(nodes[j]["step"]["text"])
+                    j = nodes[j]["parent"]
+                dirty = any(ArithTask.step_is_correct(t) is False for t in steps)
+                good = (node["reward"] or 0.0) >= 0.5
+                counts[f"{'correct' if good else 'wrong'}_{'dirty' if dirty else 'clean'}"] += 1
+    return counts
 
 
 def run_mamba(root: Path, sizes: dict[str, Any], seed: int) -> dict[str, Any]:
     """Tiny Mamba, parameter-matched to the Llama: time one SFT forward+backward on this CPU (child process).
 
-    Without the ``mamba_ssm`` / ``causal_conv1d`` kernels transformers runs Mamba's reference PyTorch scan, which is
-    orders of magnitude slower than the Llama step on CPU; the warm start + rounds are only run when one step is fast
-    enough for the mode's budget (``mamba_max_step_s``), else the page reports the measured step time.
+    Without the ``mamba_ssm`` / ``causal_conv1d`` kernels transformers runs a pure-PyTorch scan (mambapy's parallel
+    scan for ``tiny:mamba``), still several times slower than the Llama step on CPU; the warm start (its own, like
+    each Llama seed's) + tree-GRPO rounds run only when one step is fast enough for the mode's budget
+    (``mamba_max_step_s``), else the page reports the measured step time.
     """
     code = (
         "import json,time,torch\nfrom thinktree.trainer.tiny import build_tiny_model\nout={}\n"
@@ -115,18 +159,20 @@ def run_mamba(root: Path, sizes: dict[str, Any], seed: int) -> dict[str, Any]:
     res: dict[str, Any] = {
         "params": data["mamba"]["params"], "llama_params": data["llama"]["params"], "sizes": MAMBA_SIZES,
         "llama_sizes": LLAMA_SIZES, "step_s": data["mamba"]["step_s"], "llama_step_s": data["llama"]["step_s"],
-        "probe_batch": [4, 64], "ws_steps": sizes["ws_steps"],
+        "probe_batch": [4, 64], "ws_steps": sizes["ws_steps"], "max_step_s": sizes["mamba_max_step_s"],
     }  # fmt: skip
     if data["mamba"]["step_s"] > sizes["mamba_max_step_s"]:
         return res
-    s = train(
-        root / f"mamba_seed{seed}",
-        [*common(sizes, seed), "model.policy=tiny:mamba", f"model.tiny_sizes={_flow(MAMBA_SIZES)}",
-         "rounds.warm_start.algo=sft", f"rounds.warm_start.steps={sizes['ws_steps']}",
-         f"rounds.num_rounds={sizes['rounds']}", *METHODS["tree_grpo"]],
-        root / f"mamba_seed{seed}.log",
+    base, log = root / f"mamba_seed{seed}", root / f"mamba_seed{seed}.log"
+    mamba = [*common(sizes, seed), "model.policy=tiny:mamba", f"model.tiny_sizes={_flow(MAMBA_SIZES)}"]
+    ws = train(
+        base / "warm_start", [*mamba, "rounds.num_rounds=0", "rounds.warm_start.algo=sft",
+                              f"rounds.warm_start.steps={sizes['ws_steps']}"], log,
     )  # fmt: skip
-    return {**res, "curve": curve(s), "wall_s": s["wall_s"], "warm_start_time_s": s["warm_start"]["time_s"]}
+    from_ckpt = [*common(sizes, seed), f"model.policy={ws['warm_start']['checkpoint']}",
+                 "rounds.warm_start.algo=none", f"rounds.num_rounds={sizes['rounds']}"]  # fmt: skip
+    s = train(base / "tree_grpo", [*from_ckpt, *METHODS["tree_grpo"]], log)
+    return {**res, "curve": curve(s), "wall_s": s["wall_s"], "warm_start_time_s": ws["warm_start"]["time_s"]}
 
 
 def reach_ratio(tree: list[dict], iid: list[dict]) -> dict[str, Any]:

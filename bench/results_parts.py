@@ -49,27 +49,53 @@ ABLATE_CELLS = (
 )
 
 
-def test_time(work: Path, sizes: dict[str, Any], checkpoint: str) -> dict[str, Any]:
-    """``thinktree ablate`` on the shared warm-start checkpoint (a small grid) → rows of results.csv."""
-    out = work / "ablate"
+ABLATE_PRM_CELLS = (
+    "[{method: weighted_bon, num_samples: [4, 8]}, {method: step_beam, beam_width: [2, 4]},"
+    " {method: mcts, evaluation: value, num_simulations: [8, 16]}]"
+)
+"""The cells run again with the saved PRM (``--prm``): value-weighted BoN, PRM-scored beam, MCTS with the PRM as
+leaf value (no rollouts)."""
+
+
+def test_time(work: Path, sizes: dict[str, Any], checkpoint: str, prm: str | None = None) -> dict[str, Any]:
+    """``thinktree ablate`` on the shared warm-start checkpoint (a small grid) → rows of results.csv; with ``prm``
+    the PRM grid, its rows' methods suffixed `` + PRM``."""
+    name = "ablate_prm" if prm else "ablate"
+    out = work / name
+    cells = ABLATE_PRM_CELLS if prm else ABLATE_CELLS
     overrides = [f"output.dir={out}", "output.report_to=[]", f"task.eval_size={sizes['ablate_eval']}",
-                 "ablate.warm_start_steps=0", f"ablate.cells={ABLATE_CELLS}"]  # fmt: skip
+                 "ablate.warm_start_steps=0", f"ablate.cells={cells}"]  # fmt: skip
     recipe = str(ROOT / "recipes" / "ablate_arith.yaml")
     wall = run_logged(
-        [*THINKTREE, "ablate", "--config", recipe, "--checkpoint", checkpoint, *overrides],
-        work / "ablate.log",
-    )
+        [*THINKTREE, "ablate", "--config", recipe, "--checkpoint", checkpoint, *(["--prm", prm] if prm else []),
+         *overrides],
+        work / f"{name}.log",
+    )  # fmt: skip
     with open(out / "ablate" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    return {"rows": rows, "wall_s": wall, "eval_prompts": sizes["ablate_eval"], "checkpoint": checkpoint}
+    if prm:
+        for r in rows:
+            r["method"] += " + PRM"
+    return {
+        "rows": rows,
+        "wall_s": wall,
+        "eval_prompts": sizes["ablate_eval"],
+        "checkpoint": checkpoint,
+        "prm": prm,
+    }
 
 
-def prm_rerank(work: Path, quick: bool) -> dict[str, Any]:
-    """bench/prm_rerank.py (PRM trained on MCTS labels; best-of-8 PRM rerank vs majority), its JSON line."""
-    args = ["--quick"] if quick else ["--sft-steps", "600", "--train-prompts", "64", "--prm-steps", "200",
-                                      "--test-prompts", "96", "--value-mcts-prompts", "16", "--backbones", "policy"]  # fmt: skip
+PRM_ARGS = ["--backbones", "policy", "--prm-lr", "3e-3", "--test-prompts", "1000"]
+"""The PRM of the page: the policy's backbone frozen, a head over its hidden state and token log-probabilities."""
+
+
+def prm_rerank(work: Path, quick: bool, checkpoint: str) -> dict[str, Any]:
+    """bench/prm_rerank.py on the seed-0 warm-start policy (PRM trained on MCTS labels; best-of-8 PRM rerank vs
+    majority), its JSON line; the PRM is saved to ``work/prm_checkpoint`` for the ablation's PRM cells."""
+    save = work / "prm_checkpoint"
+    args = ["--policy", checkpoint, "--save-prm", str(save), *PRM_ARGS, *(["--quick"] if quick else [])]
     data, wall = run_json([PY, str(ROOT / "bench" / "prm_rerank.py"), *args], work / "prm_rerank.log")
-    return {"result": data, "wall_s": wall, "args": args}
+    return {"result": data, "wall_s": wall, "args": args, "checkpoint": str(save)}
 
 
 def throughput(work: Path, quick: bool) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def plot_test_time(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for key, pts in sorted(groups.items()):
         pts.sort()
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.plot(xs, ys, marker=next(markers, "o"), label=key)
+        ax.plot(xs, ys, marker=next(markers, "o"), linestyle="--" if "PRM" in key else "-", label=key)
         for x, y, b in pts:
             if b not in (None, "", "None"):
                 ax.annotate(str(b), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
