@@ -167,7 +167,9 @@ class ProcessRewardModel(nn.Module):
                 f"size is {hidden} with features {features!r}: expected (1, {width})"
             )
         if features != "hidden" and backbone.get_output_embeddings() is None:
-            raise ValueError(f"features {features!r} need the backbone's LM head; {type(backbone).__name__} has none")
+            raise ValueError(
+                f"features {features!r} need the backbone's LM head; {type(backbone).__name__} has none"
+            )
         self.backbone = backbone
         self.features = features
         self.head = head if head is not None else nn.Linear(width, 1)
@@ -175,7 +177,9 @@ class ProcessRewardModel(nn.Module):
             nn.init.zeros_(self.head.bias)
             nn.init.normal_(self.head.weight, std=0.02)  # scores start near 0.5
             if features == "hidden+logprob":
-                with torch.no_grad():  # start as the policy's confidence: sigmoid(mean log-prob of the steps so far)
+                with (
+                    torch.no_grad()
+                ):  # start as the policy's confidence: sigmoid(mean log-prob of the steps so far)
                     self.head.weight[0, hidden:] = torch.tensor([0.0, 0.0, 1.0, 0.0])
         self.config = PRMConfig(hidden_size=hidden, aggregate=aggregate, base=base, features=features)
 
@@ -210,8 +214,12 @@ class ProcessRewardModel(nn.Module):
         h = hidden[rows, cols].to(self.head.weight.dtype)
         if self.features != "hidden":
             if starts is None or first is None:
-                raise ValueError(f"PRM features {self.features!r} need the batch's 'starts' and 'first' positions")
-            h = torch.cat([h, self.logprob_features(hidden, input_ids, rows, cols, starts, first).to(h.dtype)], -1)
+                raise ValueError(
+                    f"PRM features {self.features!r} need the batch's 'starts' and 'first' positions"
+                )
+            h = torch.cat(
+                [h, self.logprob_features(hidden, input_ids, rows, cols, starts, first).to(h.dtype)], -1
+            )
         return self.head(h).squeeze(-1)
 
     def logprob_features(

@@ -444,8 +444,9 @@ def test_logprob_features_match_a_plain_forward_pass(arch):
     )
     np.testing.assert_allclose(feats.numpy(), np.array(expected), atol=1e-5)  # Mamba: float32 logits
     assert feats[0].abs().sum() == 0  # the prompt boundary has no step tokens
-    np.testing.assert_allclose(feats[2, 2:].numpy(), feats[1, 2:].numpy())  # an empty step: no tokens of its own,
-    assert feats[2, :2].abs().sum() == 0  # the same steps so far
+    # an empty step has no tokens of its own and the same steps so far as the boundary before it
+    np.testing.assert_allclose(feats[2, 2:].numpy(), feats[1, 2:].numpy())
+    assert feats[2, :2].abs().sum() == 0
 
 
 def test_logprob_prm_starts_as_policy_confidence_and_round_trips(tmp_path):
