@@ -16,7 +16,7 @@ LABELS = {
     "tree_grpo": "tree-GRPO (MCTS, TreeRL adv.)",
     "iid_grpo": "i.i.d. GRPO (self-consistency samples)",
     "mcts_dpo": "MCTS step-DPO",
-    "mamba_tree_grpo": "tree-GRPO, tiny Mamba",
+    "mamba_tree_grpo": "tree-GRPO, tiny Mamba (seed 0 only)",
 }
 
 
@@ -47,9 +47,10 @@ def plot_learning(curves: dict[str, list[list[dict]]], path: Path, title: str) -
         ax.set_ylabel("held-out pass@1, greedy (%)")
         ax.grid(alpha=0.3)
     ax2.set_xticks(range(max(len(r[0]) for r in curves.values() if r)))
-    ax1.legend(fontsize=8, loc="best")
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=9, loc="lower center", ncol=min(4, len(labels)), frameon=False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

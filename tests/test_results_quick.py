@@ -1,4 +1,4 @@
-"""``bench/results.py --quick`` end to end (slow: ~10-15 min on 2 CPU cores): the page and its PNGs are written."""
+"""``bench/results.py --quick`` end to end (slow: ~3-5 min on 2 CPU cores): the page and its PNGs are written."""
 
 from __future__ import annotations
 
@@ -30,5 +30,8 @@ def test_results_quick_writes_page_and_plots(tmp_path: Path) -> None:
                     "## 5. GSM8K and MATH-500", "## GPU"):  # fmt: skip
         assert heading in page
     assert "failed in this run" not in page, page
+    assert (
+        "| PRM-weighted vote |" in page and "+ PRM |" in page
+    )  # the PRM bench ran and its PRM drove ablate cells
     for png in ("learning_curves.png", "test_time_compute.png", "throughput.png"):
         assert (out / "img" / png).stat().st_size > 10_000
