@@ -5,6 +5,7 @@
     thinktree eval   --config recipes/quickstart.yaml [--checkpoint DIR] [--methods greedy,mcts] [--prm DIR]
     thinktree view   runs/X/round-01/trees.jsonl [--out trees.html] [--signals signals.jsonl]
     thinktree ablate --config recipes/ablate_arith.yaml [--checkpoint DIR] [--prm DIR]
+    thinktree prm    --trees 'runs/X/round-*/trees.jsonl' --policy DIR --out DIR [--labels math_shepherd|rest|ppm]
 
 Also runs under accelerate: ``accelerate launch -m thinktree.trainer.cli train --config recipes/X.yaml``.
 Any config field can be overridden after the options, as ``search.num_simulations=32`` or
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "view", help="render a tree store (trees.jsonl) as a self-contained HTML page", add_help=False
     )
+    sub.add_parser("prm", help="train a process reward model from stored search trees", add_help=False)
     for name, help_text in COMMANDS.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("--config", "-c", default=None, help="recipe YAML (defaults apply when omitted)")
@@ -65,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             return view_main(argv[1:])
         except FileNotFoundError as e:
             print(f"thinktree view: {e}", file=sys.stderr)
+            return 2
+    if argv[:1] == ["prm"]:  # reads tree stores, no recipe
+        from thinktree.trainer.prm_command import prm_main
+
+        try:
+            return prm_main(argv[1:])
+        except (FileNotFoundError, ValueError) as e:
+            print(f"thinktree prm: {e}", file=sys.stderr)
             return 2
     args, overrides = _parser().parse_known_args(argv)
     try:
