@@ -174,7 +174,6 @@ def test_two_process_round_shards_search_and_trains(tmp_path, launch_config, use
     really is 2), GRPO trains on all ranks' trees for 2 rounds, rank 0 writes the summary."""
     import os
     import shutil
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -187,7 +186,9 @@ def test_two_process_round_shards_search_and_trains(tmp_path, launch_config, use
         "eval.methods=[greedy]", "eval.health=false",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"ACCELERATE_USE_CPU": "true"} if use_cpu else {})}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    from launching import run_launch
+
+    done = run_launch(lambda: cmd, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     shards = sorted(p.name for p in (tmp_path / "round-01").glob("trees*.jsonl"))
     assert shards == ["trees.rank0.jsonl", "trees.rank1.jsonl"]

@@ -15,12 +15,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port, run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist" / "train_dist.py"
@@ -50,18 +49,15 @@ def reference() -> tuple[dict[str, torch.Tensor], list[dict]]:
     return mod.weights_of(engine), history
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(config: Path, out: Path, extra_env: dict[str, str] | None = None) -> list[dict]:
     accelerate = ACCELERATE if ACCELERATE.exists() else Path("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file", str(config), "--main_process_port", str(_free_port()),
-           str(SCRIPT), "--out", str(out), "--world", "2"]  # fmt: skip
+
+    def cmd() -> list[str]:
+        return [str(accelerate), "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+                str(SCRIPT), "--out", str(out), "--world", "2"]  # fmt: skip
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_launch(cmd, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)

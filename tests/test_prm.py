@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launching import free_port, run_launch
 from safetensors.torch import load_file, save_file
 
 from thinktree.rewards.labels import math_shepherd_labels, ppm_pairs
@@ -350,12 +349,6 @@ if acc.is_main_process:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ZERO2_CONFIG = """compute_environment: LOCAL_MACHINE
 distributed_type: DEEPSPEED
 deepspeed_config:
@@ -380,10 +373,10 @@ def _launch(tmp_path: Path, launch_args: list[str], dist_type: str) -> dict:
     if dist_type != "DEEPSPEED":  # ACCELERATE_USE_CPU=true silently turns a DeepSpeed launch into plain DDP
         env["ACCELERATE_USE_CPU"] = "true"
     start = time.perf_counter()
-    proc = subprocess.run(
-        [str(launcher), "launch", *launch_args, "--main_process_port", str(_free_port()),
-         str(script), json.dumps(LABELLED), str(result)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    proc = run_launch(
+        lambda: [str(launcher), "launch", *launch_args, "--main_process_port", str(free_port()),
+                 str(script), json.dumps(LABELLED), str(result)],
+        cwd=ROOT, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(result.read_text())
