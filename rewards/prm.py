@@ -90,6 +90,8 @@ CONFIG_FILE = "prm_config.json"
 FORMAT = 1
 FEATURES = {"hidden": 0, "hidden+logprob": 4}
 """Head input kinds → number of extra inputs next to the final hidden state (see the module doc)."""
+LOGIT_BUDGET = 1 << 24
+"""Most logits (batch × positions × vocab) the log-probability features materialise at once (64 MiB in float32)."""
 
 
 def aggregate_scores(scores: Sequence[float], how: str = "last") -> float:
@@ -235,8 +237,15 @@ class ProcessRewardModel(nn.Module):
     ) -> torch.Tensor:
         """``(M, 4)``: mean and min token log-probability of each boundary's step, then of all steps so far
         (0 where the span is empty, e.g. the prompt boundary). Tokens are scored by the backbone's LM head."""
-        logits = self.backbone.get_output_embeddings()(hidden[:, :-1]).float()
-        tok = torch.gather(logits, -1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        head, h, ids = self.backbone.get_output_embeddings(), hidden[:, :-1], input_ids[:, 1:]
+        width = max(1, LOGIT_BUDGET // max(1, h.shape[0] * head.weight.shape[0]))  # positions per chunk
+        parts = []
+        for s in range(0, h.shape[1], width):  # bounded memory: never all (batch, seq, vocab) logits at once
+            logits = head(h[:, s : s + width]).float()
+            parts.append(
+                torch.gather(logits, -1, ids[:, s : s + width, None]).squeeze(-1) - logits.logsumexp(-1)
+            )
+        tok = torch.cat(parts, 1) if parts else h.new_zeros(h.shape[0], 0)
         lp = torch.cat([tok.new_zeros(tok.shape[0], 1), tok], 1)[rows]  # (M, T); lp[:, t] = log p(token t)
         pos = torch.arange(lp.shape[1], device=lp.device)[None]
         out = []

@@ -481,3 +481,18 @@ def test_logprob_prm_trains_head_only_and_keeps_the_backbone():
     assert fit["loss_last"] < fit["loss_first"]
     for k, v in prm.backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_logprob_features_are_chunked_without_changing_scores(monkeypatch):
+    import thinktree.rewards.prm as prm_module
+
+    model, tok = build_tiny_model("llama", seed=0, hidden_size=32)
+    prm = ProcessRewardModel(model, features="hidden+logprob").double()
+    items = [traj("1+3*2=?\n", STEPS), traj("4-1=?\n", ("4-1=3\n",))]
+    whole = PRMValueFn(prm, tok).step_scores(items)
+    monkeypatch.setattr(
+        prm_module, "LOGIT_BUDGET", 2 * len(tok) * 3
+    )  # 3 positions per chunk for a batch of 2
+    chunked = PRMValueFn(prm, tok, batch_size=2).step_scores(items)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
