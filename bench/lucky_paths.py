@@ -36,20 +36,23 @@ from thinktree.trainer.models import load_policy
 from thinktree.trainer.searching import make_prompts
 
 
-def path_kinds(round_dir: Path) -> dict[tuple, str]:
-    """``(tree key, leaf node)`` → ``clean`` / ``lucky`` (rewarded) or ``wrong``."""
+def leaf_kinds(trees_jsonl: Path) -> dict[tuple, str]:
+    """``(tree key, terminal leaf)`` → ``correct_clean`` / ``correct_dirty`` / ``wrong_clean`` / ``wrong_dirty``:
+    the outcome, and whether every ``a<op>b=c`` step on the path is arithmetically right
+    (``ArithTask.step_is_correct``). ``correct_dirty`` paths are the "lucky" ones."""
     kinds = {}
-    for line in (round_dir / "trees.jsonl").read_text().splitlines():
+    for line in trees_jsonl.read_text().splitlines():
         d = json.loads(line)
         nodes = d["tree"]["nodes"]
         for i, node in enumerate(nodes):
             if not node["terminal"]:
                 continue
-            ok, j = True, i
+            clean, j = True, i
             while j >= 0 and nodes[j]["step"] is not None:
-                ok = ok and ArithTask.step_is_correct(nodes[j]["step"]["text"]) is not False
+                clean = clean and ArithTask.step_is_correct(nodes[j]["step"]["text"]) is not False
                 j = nodes[j]["parent"]
-            kinds[(d["key"], i)] = ("clean" if ok else "lucky") if (node["reward"] or 0.0) >= 0.5 else "wrong"
+            good = (node["reward"] or 0.0) >= 0.5
+            kinds[(d["key"], i)] = f"{'correct' if good else 'wrong'}_{'clean' if clean else 'dirty'}"
     return kinds
 
 
@@ -65,8 +68,9 @@ def main() -> None:
     cfg = load_config(run / "config.yaml", args.overrides)
     rdir = run / f"round-{args.round:02d}"
     records = [json.loads(x) for x in (rdir / "signals.jsonl").read_text().splitlines()]
-    kinds = path_kinds(rdir)
-    kind = [kinds.get((r["key"], r["node"]), "wrong") for r in records]
+    kinds = leaf_kinds(rdir / "trees.jsonl")
+    named = {"correct_clean": "clean", "correct_dirty": "lucky"}
+    kind = [named.get(kinds.get((r["key"], r["node"]), ""), "wrong") for r in records]
     task = get_task(cfg.task.name, **cfg.task.kwargs)
     rows = task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
     variants = {

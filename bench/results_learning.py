@@ -16,7 +16,6 @@ Each run is resumable by its output dir (``runs/results/<mode>/learning/...``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -118,22 +117,12 @@ def path_audit(run: Path) -> dict[str, int]:
     """Terminal leaves of a run's search trees (all rounds) by outcome and by whether every ``a<op>b=c`` step is
     arithmetically right (``ArithTask.step_is_correct``): ``correct_dirty`` counts "lucky" paths, rewarded
     although a step is wrong."""
-    from thinktree.rewards.tasks.arith import ArithTask
+    from lucky_paths import leaf_kinds
 
-    counts = {"correct_clean": 0, "correct_dirty": 0, "wrong_clean": 0, "wrong_dirty": 0}
+    counts = dict.fromkeys(("correct_clean", "correct_dirty", "wrong_clean", "wrong_dirty"), 0)
     for trees in sorted(run.glob("round-*/trees.jsonl")):
-        for line in trees.read_text().splitlines():
-            nodes = json.loads(line)["tree"]["nodes"]
-            for i, node in enumerate(nodes):
-                if not node["terminal"]:
-                    continue
-                steps, j = [], i
-                while j >= 0 and nodes[j]["step"] is not None:
-                    steps.append(nodes[j]["step"]["text"])
-                    j = nodes[j]["parent"]
-                dirty = any(ArithTask.step_is_correct(t) is False for t in steps)
-                good = (node["reward"] or 0.0) >= 0.5
-                counts[f"{'correct' if good else 'wrong'}_{'dirty' if dirty else 'clean'}"] += 1
+        for kind in leaf_kinds(trees).values():
+            counts[kind] += 1
     return counts
 
 
