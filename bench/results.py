@@ -1,6 +1,6 @@
 """Reproducible results page: every number in ``docs/RESULTS.md`` (and ``docs/img/*.png``) comes from one run of this.
 
-    .venv/bin/python bench/results.py            # full mode → docs/RESULTS.md, docs/img/*.png (~50 min, 2 busy cores)
+    .venv/bin/python bench/results.py            # full mode → docs/RESULTS.md, docs/img/*.png (24 min measured, 2 cores)
     .venv/bin/python bench/results.py --quick    # CI-sized → runs/results-quick/RESULTS.md (3 min measured, 2 cores)
     .venv/bin/python bench/results.py --out DIR  # write the page (and img/) to DIR instead
     .venv/bin/python bench/results.py --render-only  # redraw the page from the last run's results.json
