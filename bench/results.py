@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -148,6 +149,7 @@ def main() -> int:
         print(f"rendered {page} from {work / 'results.json'} (run of {saved['machine']['date']})")
         return 0
     info = machine()
+    info["argv"] = sys.argv[1:]
     start = time.perf_counter()
     results = run_all(work, mode)
     info["wall_s"] = time.perf_counter() - start
