@@ -36,6 +36,14 @@ class Topology:
 
             dist.barrier()
 
+    def check_same(self, what: str, value: Any) -> None:
+        """RuntimeError unless every rank holds the same ``value`` (e.g. a hash of the weights)."""
+        values = self.gather(value)
+        if any(v != values[0] for v in values):
+            raise RuntimeError(
+                f"ranks disagree on {what}: {values} (is the distributed setup synchronising?)"
+            )
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (a one-item list in a single process)."""
         if self.world == 1:
@@ -51,7 +59,9 @@ def topology() -> Topology:
     """The current process topology: from accelerate's state when launched with several processes, else 1 process.
 
     On a machine without CUDA the process group uses gloo (accelerate would otherwise pick none and run each rank as
-    if alone; see docs in recipes/accelerate/cpu_ddp_2.yaml).
+    if alone; see docs in recipes/accelerate/cpu_ddp_2.yaml), and the state is made with ``cpu=True``: the shared
+    state decides the engine's distributed type, and ``backend="gloo"`` alone gives ``DistributedType.NO`` — a
+    no-op ``wait_for_everyone`` and no gradient synchronisation (each rank then trained its own shard alone).
     """
     import os
 
@@ -60,5 +70,5 @@ def topology() -> Topology:
     import torch
     from accelerate import PartialState
 
-    state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
+    state = PartialState(**({} if torch.cuda.is_available() else {"cpu": True, "backend": "gloo"}))
     return Topology(state.process_index, state.num_processes)

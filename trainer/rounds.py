@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
 
 from thinktree.rewards import get_task
@@ -112,6 +114,15 @@ class Run:
             save_policy(self.model, self.tokenizer, path)
         self.topo.barrier()
         return str(path.absolute())
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of a model's parameters (name, dtype and bytes), to compare replicas across ranks."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _check_recipe(cfg: RecipeConfig) -> None:
@@ -378,6 +389,8 @@ def run_train(cfg: RecipeConfig) -> dict:
             stages.finish(f"round-{r}/search", search_stage(run, prompts, rdir, cfg.seed * 1000 + r))
         if r > 0 and stages.get(f"round-{r}/train") is None:
             record = train_stage(run, rdir)
+            if run.engine is None:  # replicated weights (DDP): every rank must have trained the same model
+                run.topo.check_same(f"the weights after round {r}", weights_digest(run.model))
             record["checkpoint"] = run.save(rdir / "checkpoint")
             stages.finish(f"round-{r}/train", record)
         row = stages.get(f"round-{r}/eval")

@@ -137,6 +137,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         kwargs_handlers=handlers,
     )
     acc.gradient_accumulation_steps = cfg.grad_accum  # a launch config's value would override the argument
+    if acc.num_processes > 1 and acc.distributed_type == DistributedType.NO:
+        raise RuntimeError(
+            f"{acc.num_processes} processes but accelerate's shared state says DistributedType.NO (no gradient "
+            "synchronisation, no-op barriers): something created PartialState without cpu=True on a CPU machine"
+        )
     if acc.distributed_type == DistributedType.DEEPSPEED:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds["gradient_accumulation_steps"] = cfg.grad_accum
