@@ -163,10 +163,7 @@ def logprob_scorer(policy) -> ProcessRewardModel:
     """An untrained PRM whose score is the policy's mean token log-probability over all steps so far (the
     ``hidden+logprob`` head with every weight 0 except 1 on that feature): what reranking gets for free."""
     prm = ProcessRewardModel(copy.deepcopy(policy), base="policy-logprob", features="hidden+logprob")
-    with torch.no_grad():
-        prm.head.weight.zero_()
-        prm.head.bias.zero_()
-        prm.head.weight[0, -2] = 1.0  # features: step mean, step min, prefix mean, prefix min
+    prm.init_confidence_head(hidden_std=0.0)
     return prm.eval()
 
 

@@ -11,8 +11,9 @@ What
     forward pass: the mean and the minimum log-probability of the step's tokens, and the same two over all steps
     so far (prompt excluded). A PRM initialised from the policy thus starts from what the policy already knows
     about a step (an arithmetic slip is a low-probability token) and learns from the labels how much to trust
-    it (a new head starts as that confidence alone: weight 1 on the prefix mean, ~0 elsewhere); with the backbone fine-tuned, the LM head is part of the PRM and its probabilities move with it. (Close
-    in spirit to implicit PRMs, Yuan et al. 2024, which read process rewards off token log-probabilities.)
+    it (a new head starts as that confidence alone: weight 1 on the prefix mean, ~0 elsewhere); with the backbone
+    fine-tuned, the LM head is part of the PRM and its probabilities move with it. (Close in spirit to implicit
+    PRMs, Yuan et al. 2024, which read process rewards off token log-probabilities.)
 
     :class:`PRMValueFn` adapts it to the search's ``ValueFn`` protocol (``__call__(trajectories) -> list[float]``,
     duck-typed, so this package does not import ``thinktree.search``), for MCTS leaf evaluation
@@ -88,7 +89,9 @@ AGGREGATES = ("last", "min", "prod", "mean")
 HEAD_FILE = "value_head.safetensors"
 CONFIG_FILE = "prm_config.json"
 FORMAT = 1
-FEATURES = {"hidden": 0, "hidden+logprob": 4}
+LOGPROB_FEATURES = ("step_mean", "step_min", "prefix_mean", "prefix_min")
+"""The extra head inputs of ``features="hidden+logprob"``, in order (see :meth:`ProcessRewardModel.logprob_features`)."""
+FEATURES = {"hidden": 0, "hidden+logprob": len(LOGPROB_FEATURES)}
 """Head input kinds → number of extra inputs next to the final hidden state (see the module doc)."""
 LOGIT_BUDGET = 1 << 24
 """Most logits (batch × positions × vocab) the log-probability features materialise at once (64 MiB in float32)."""
@@ -177,15 +180,28 @@ class ProcessRewardModel(nn.Module):
         self.backbone = backbone
         self.features = features
         self.head = head if head is not None else nn.Linear(width, 1)
-        if head is None:
+        if head is None and features == "hidden+logprob":
+            self.init_confidence_head(hidden_std=0.02)
+        elif head is None:
             nn.init.zeros_(self.head.bias)
             nn.init.normal_(self.head.weight, std=0.02)  # scores start near 0.5
-            if features == "hidden+logprob":
-                with (
-                    torch.no_grad()
-                ):  # start as the policy's confidence: sigmoid(mean log-prob of the steps so far)
-                    self.head.weight[0, hidden:] = torch.tensor([0.0, 0.0, 1.0, 0.0])
         self.config = PRMConfig(hidden_size=hidden, aggregate=aggregate, base=base, features=features)
+
+    @torch.no_grad()
+    def init_confidence_head(self, hidden_std: float = 0.0) -> None:
+        """Make the head the policy's confidence, sigmoid(mean log-probability of the steps so far): weight 1 on the
+        ``prefix_mean`` feature, 0 on the other features and the bias, N(0, ``hidden_std``) on the hidden state
+        (0: exactly the confidence, an untrained scorer)."""
+        if self.features != "hidden+logprob":
+            raise ValueError(f"a confidence head needs features='hidden+logprob', not {self.features!r}")
+        hidden = self.head.in_features - len(LOGPROB_FEATURES)
+        nn.init.zeros_(self.head.bias)
+        if hidden_std > 0:  # drawn over the whole row, then the feature weights are set (same init as before)
+            nn.init.normal_(self.head.weight, std=hidden_std)
+        else:
+            nn.init.zeros_(self.head.weight)
+        self.head.weight[0, hidden:] = 0.0
+        self.head.weight[0, hidden + LOGPROB_FEATURES.index("prefix_mean")] = 1.0
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``(batch, seq, hidden)`` of the backbone's decoder (LM head skipped)."""

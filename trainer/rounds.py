@@ -389,7 +389,9 @@ def run_train(cfg: RecipeConfig) -> dict:
             stages.finish(f"round-{r}/search", search_stage(run, prompts, rdir, cfg.seed * 1000 + r))
         if r > 0 and stages.get(f"round-{r}/train") is None:
             record = train_stage(run, rdir)
-            if run.engine is None:  # replicated weights (DDP): every rank must have trained the same model
+            if (
+                run.topo.world > 1 and run.engine is None
+            ):  # replicated weights (DDP): all ranks trained one model
                 run.topo.check_same(f"the weights after round {r}", weights_digest(run.model))
             record["checkpoint"] = run.save(rdir / "checkpoint")
             stages.finish(f"round-{r}/train", record)
