@@ -166,6 +166,8 @@ class TrainConfig:
     """Save a resumable training checkpoint every N optimiser steps (0 = only at the end of the round)."""
     save_total_limit: int = 2
     """Resumable training checkpoints kept per round (oldest deleted first)."""
+    pack_tokens: int = 0
+    """Tree packing: 0 = unpacked; N = pack each step's shared path prefixes into sequences of at most N tokens."""
 
 
 @dataclass

@@ -56,6 +56,7 @@ from transformers import get_scheduler
 from thinktree.trainer.config import TrainConfig
 
 from .batching import Batch, PromptIds, collate, token_entropy, token_logprobs
+from .packing import PackedBatch, packed_forward
 
 __all__ = ["Engine", "ForwardOut", "PolicyWithValue", "is_peft", "make_accelerator", "unwrap_for_generation"]
 
@@ -91,12 +92,19 @@ class PolicyWithValue(nn.Module):
             self.v_head.to(next(policy.parameters()).device)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, values: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int | torch.Tensor,
+        values: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``logits_to_keep``: the last N positions, or (tree packing) a boolean ``[B, L]`` mask of positions."""
         out = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
             logits_to_keep=logits_to_keep,
+            position_ids=position_ids,
             output_hidden_states=values,
             use_cache=False,
         )
@@ -104,7 +112,9 @@ class PolicyWithValue(nn.Module):
             return out.logits, None
         if self.v_head is None:
             raise ValueError("values requested but this model has no value head")
-        hidden = out.hidden_states[-1][:, -logits_to_keep:].float()
+        last = out.hidden_states[-1]
+        keep = logits_to_keep
+        hidden = (last[keep] if isinstance(keep, torch.Tensor) else last[:, -keep:]).float()
         return out.logits, self.v_head(hidden).squeeze(-1)
 
 
@@ -281,6 +291,8 @@ class Engine:
     # -------------------------------------------------------------------------------------------------- forward
     def forward(self, batch: Batch, *, values: bool = False, train: bool = True) -> ForwardOut:
         """Log-probs of the batch's targets (and values, entropy); ``train=False``: eval mode, no grad, unwrapped."""
+        if isinstance(batch, PackedBatch):  # tree packing: one forward over the packed tries (packing.py)
+            return packed_forward(self, batch, values=values, train=train)
         model = self.model if train else self.wrapper
         model.train(train)
         with contextlib.nullcontext() if train else torch.no_grad():

@@ -52,6 +52,7 @@ from thinktree.trainer.config import TrainConfig
 
 from .batching import Batch, shard, step_plan
 from .engine import Engine, ForwardOut
+from .packing import packed_micro_batches
 
 __all__ = ["GRPO", "LOSS_TYPES", "LossNorm", "clipped_pg_loss", "k3_kl", "normalise", "train_grpo"]
 
@@ -198,9 +199,10 @@ class GRPO:
         """One optimiser step on the records ``chunk`` (this rank takes its shard)."""
         e, c = self.engine, self.cfg
         norm = LossNorm.of(records, chunk, c.loss_type, c.max_completion_length)
-        mbs = [
-            e.collate(list(records), rows, extra) for rows in shard(chunk, e.rank, e.world_size, c.grad_accum)
-        ]
+        mbs = packed_micro_batches(self, records, chunk, extra)  # train.pack_tokens > 0: tree packing
+        if mbs is None:
+            rows_of = shard(chunk, e.rank, e.world_size, c.grad_accum)
+            mbs = [e.collate(list(records), rows, extra) for rows in rows_of]
         return e.optimizer_step(mbs, lambda out, b: self.loss(out, b, norm, first), values=self.value_head)
 
     def train(
