@@ -91,6 +91,12 @@ class MCTSConfig:
     """Stop a tree once its generated tokens (expansions + rollouts) reach this (None = no limit)."""
     answer_selection: str = "visits"
     """Final answer: "visits" | "q" | "majority" | "weighted_vote" (see ``selection.choose_answer``)."""
+    gumbel_scale: float = 1.0
+    """Gumbel search only: scale of the root's Gumbel noise (0 = deterministic Sequential Halving)."""
+    c_visit: float = 50.0
+    """Gumbel search only: σ's visit offset, σ(q̂) = (c_visit + max_b N(b)) · c_scale · q̂ (mctx maxvisit_init)."""
+    c_scale: float = 0.1
+    """Gumbel search only: σ's scale of the completed, min-max rescaled Q-values (mctx value_scale)."""
 
     def __post_init__(self) -> None:
         for name in ("num_simulations", "num_children", "in_flight", "num_rollouts", "max_depth"):
@@ -120,6 +126,11 @@ class MCTSConfig:
             raise ValueError(f"MCTSConfig.pb_c_base must be positive or None, got {self.pb_c_base!r}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"MCTSConfig.dirichlet_alpha must be positive, got {self.dirichlet_alpha!r}")
+        for name in ("gumbel_scale", "c_visit", "c_scale"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 <= value < float("inf"):
+                raise ValueError(f"MCTSConfig.{name} must be a finite number >= 0, got {value!r}")
 
     def replace(self, **changes) -> MCTSConfig:
         return dataclasses.replace(self, **changes)
