@@ -10,12 +10,15 @@ expanded as a cartesian product over its list-valued fields, so every method get
         - {method: greedy}
         - {method: self_consistency, num_samples: [2, 4, 8]}
         - {method: mcts, num_simulations: [4, 8, 16], c_puct: [1.0, 2.0]}
+        - {method: gumbel, num_simulations: [2, 4, 8], c_scale: [0.1, 1.0]}
         - {method: compute_optimal, base_method: self_consistency, rule: [snell, uniform], total_budget: [4, 8]}
 
 Fields are ``search`` fields (``SearchConfig``: num_simulations, num_children, c_puct, evaluation, lambda_mix,
 temperature, token_budget, num_samples, beam_width, ...) that the method uses, plus ``budget`` as an alias of the
-method's budget field (num_samples for best-of-N, beam_width for step beam, num_simulations for MCTS,
-total_budget for compute_optimal). ``compute_optimal`` cells (see ``thinktree.trainer.allocation``) take
+method's budget field (num_samples for best-of-N, beam_width for step beam, num_simulations for MCTS and gumbel,
+total_budget for compute_optimal). gumbel takes the MCTS fields except the PUCT/Dirichlet ones (select, c_puct,
+pb_c_base, pb_c_init, dirichlet_alpha, dirichlet_fraction, fill_q) plus gumbel_scale, c_visit and c_scale, which
+mcts does not take. ``compute_optimal`` cells (see ``thinktree.trainer.allocation``) take
 base_method, total_budget, rule, probe_samples and num_bins. An unknown method or field, a field the method does not
 use, a value-based cell without a PRM, or an empty grid is a :class:`ConfigError` before anything runs.
 
@@ -49,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from thinktree.search.gumbel import GUMBEL_FIELDS, IGNORED_FIELDS
 from thinktree.search.mcts import MCTSConfig
 from thinktree.trainer import searching
 from thinktree.trainer.allocation import BASE_BUDGET_FIELD, CO_DEFAULTS, check_options, run_compute_optimal
@@ -66,7 +70,14 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "best_of_n": _BON,
     "weighted_bon": _BON,
     "step_beam": (*_SAMPLING, "beam_width", "num_children"),
-    "mcts": (*_SAMPLING, *(f.name for f in dataclasses.fields(MCTSConfig) if f.name != "max_depth")),
+    "mcts": (
+        *_SAMPLING,
+        *(f.name for f in dataclasses.fields(MCTSConfig) if f.name not in ("max_depth", *GUMBEL_FIELDS)),
+    ),
+    "gumbel": (
+        *_SAMPLING,
+        *(f.name for f in dataclasses.fields(MCTSConfig) if f.name not in ("max_depth", *IGNORED_FIELDS)),
+    ),
 }
 """The search fields each method uses (a cell may set only these)."""
 METRICS = ("accuracy", "pass_at_k", "generated_tokens", "tokens_per_prompt", "wall_time_s", "cpu_time_s")
@@ -108,7 +119,8 @@ class Cell:
     def needs_prm(self) -> bool:
         """Whether the cell cannot run without a value function."""
         method = dict(self.options).get("base_method", self.method)
-        return method == "weighted_bon" or (method == "mcts" and self.search.evaluation != "rollout")
+        searched = method in ("mcts", "gumbel")
+        return method == "weighted_bon" or (searched and self.search.evaluation != "rollout")
 
     def uses_prm(self) -> bool:
         """Whether the cell uses a value function when one is given."""

@@ -23,7 +23,8 @@ What this module does (``run_compute_optimal``):
    * ``uniform``: equal weights, the uniform baseline at the same total.
 
 5. **search** — each prompt runs ``base_method`` with its extra budget (samples for the best-of-N family,
-   simulations for MCTS, beam width for step beam); prompts with the same budget share one batched call.
+   simulations for MCTS and Gumbel search, beam width for step beam); prompts with the same budget share one
+   batched call.
 6. **answer** — best-of-N bases pool the probe samples with the new ones and select over the pool (majority,
    value-weighted vote or best PRM score, as the base method does); for MCTS / step beam the searched answer
    replaces the probe's, and a prompt given no extra budget keeps the probe's majority answer.
@@ -76,6 +77,7 @@ BASE_BUDGET_FIELD = {
     "best_of_n": "num_samples",
     "weighted_bon": "num_samples",
     "mcts": "num_simulations",
+    "gumbel": "num_simulations",
     "step_beam": "beam_width",
 }
 """Base methods of a compute-optimal run and the SearchConfig field their per-prompt budget sets."""

@@ -134,6 +134,7 @@ def _check_recipe(cfg: RecipeConfig) -> None:
         raise ConfigError(f"train.advantage must be treerl, treerpo or grpo, got {cfg.train.advantage!r}")
     if cfg.rounds.num_rounds > 0 and cfg.search.method not in (
         "mcts",
+        "gumbel",
         "best_of_n",
         "self_consistency",
         "step_beam",

@@ -1,6 +1,7 @@
 """Glue between a recipe, a policy, a task and the search library: prompts, verifier, proposer, methods.
 
-``run_method`` runs any named search method (mcts, greedy, best_of_n, step_beam) with the same budget accounting;
+``run_method`` runs any named search method (mcts, gumbel, greedy, best_of_n, step_beam) with the same budget
+accounting;
 ``run_search_command`` is ``thinktree search``: it searches a task split with the recipe's policy, appends each tree to
 ``<output.dir>/search/trees.jsonl`` as it finishes (a rerun resumes, skipping prompts already done) and writes
 ``summary.json`` with accuracy, tokens, forward passes and throughput.
@@ -20,6 +21,7 @@ from thinktree.rewards import get_task
 from thinktree.search.backends.hf import HFStepProposer
 from thinktree.search.baselines import best_of_n, greedy, step_beam
 from thinktree.search.budget import SearchResult
+from thinktree.search.gumbel import gumbel_search
 from thinktree.search.mcts import search
 from thinktree.search.store import TreeStore, search_resumable
 from thinktree.search.types import Trajectory
@@ -35,9 +37,10 @@ __all__ = [
     "run_search_command",
 ]
 
-METHODS = ("greedy", "self_consistency", "best_of_n", "weighted_bon", "step_beam", "mcts")
+METHODS = ("greedy", "self_consistency", "best_of_n", "weighted_bon", "step_beam", "mcts", "gumbel")
 """Named search methods. best_of_n picks the sample the value function scores highest (majority vote, i.e.
-self-consistency, when no value function is given); weighted_bon weights the votes by the value function."""
+self-consistency, when no value function is given); weighted_bon weights the votes by the value function; gumbel is
+Gumbel MuZero search (``thinktree.search.gumbel``) with the MCTS fields plus gumbel_scale, c_visit, c_scale."""
 _NOT_META = ("prompt", "question", "solution")
 
 
@@ -101,6 +104,11 @@ def run_method(
     """Run one named search method; greedy expects a temperature-0 proposer (see ``make_proposer``)."""
     if method == "mcts":
         return search(
+            prompts, proposer, outcome_fn, config=cfg.mcts(), rng=rng, value_fn=value_fn,
+            answer_fn=answer_fn, progress=progress,
+        )  # fmt: skip
+    if method == "gumbel":
+        return gumbel_search(
             prompts, proposer, outcome_fn, config=cfg.mcts(), rng=rng, value_fn=value_fn,
             answer_fn=answer_fn, progress=progress,
         )  # fmt: skip
