@@ -89,6 +89,9 @@ def test_step_plan_and_shard():
     assert first_pass == list(range(10))  # one pass covers every record (padded cyclically)
     assert plan == step_plan(10, 4, 2, seed=3) and plan != step_plan(10, 4, 2, seed=4)
     assert step_plan(10, 4, 2, seed=3, max_steps=2) == plan[:2]
+    # train.steps is a count: 7 steps over 3 chunks a pass = 3 passes cut to 7, the first 6 as above
+    seven = step_plan(10, 4, 2, seed=3, max_steps=7)
+    assert len(seven) == 7 and seven[:6] == plan and sorted(set(seven[6])) == sorted(seven[6])
     assert shard([5, 6, 7, 8], rank=1, world=2, grad_accum=2) == [[6], [8]]
 
 

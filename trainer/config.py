@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ class SearchConfig(MCTSConfig):
     """Best-of-N: number of independent samples."""
     beam_width: int = 4
     """Step beam search: beams kept per step."""
+    process_check: bool = False
+    """Process-checked rewards: a path through a step the task can prove wrong (arith, countdown equations) earns 0."""
 
     def mcts(self) -> MCTSConfig:
         """The plain ``MCTSConfig`` part of this section."""
@@ -111,7 +114,7 @@ class SearchConfig(MCTSConfig):
 @dataclass
 class TrainConfig:
     algo: str = "grpo"
-    """Policy algorithm: grpo, ppo, dpo, sft."""
+    """Policy algorithm: grpo, ppo, rft (expert iteration on the engine), dpo, sft (TRL)."""
     learning_rate: float = 1e-4
     """Optimiser learning rate."""
     per_device_batch_size: int = 8
@@ -166,8 +169,30 @@ class TrainConfig:
     """Save a resumable training checkpoint every N optimiser steps (0 = only at the end of the round)."""
     save_total_limit: int = 2
     """Resumable training checkpoints kept per round (oldest deleted first)."""
+    control: str = "none"
+    """Learning controls: none, random_reward (leaf rewards replaced by coin flips at the round's positive rate), or
+    zero_update (everything but the optimiser step)."""
+    on_collapse: str = "warn"
+    """A round that cannot teach (no non-zero advantage, all-correct/all-wrong trees, entropy or KL past its bound):
+    warn (log it) or stop (end the run after the round; a rerun resumes)."""
+    entropy_floor: float = 0.02
+    """Collapse check: mean token entropy (nats) of a round's training below this."""
+    kl_ceiling: float = 0.5
+    """Collapse check: a training step's approx-KL to the rollout policy above this."""
     pack_tokens: int = 0
     """Tree packing: 0 = unpacked; N = pack each step's shared path prefixes into sequences of at most N tokens."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "train")
+        _check_choice("train.control", self.control, ("none", "random_reward", "zero_update"))
+        _check_choice("train.on_collapse", self.on_collapse, ("warn", "stop"))
+        _check_choice("train.loss_type", self.loss_type, ("grpo", "dr_grpo", "dapo"))
+        for name in ("per_device_batch_size", "grad_accum", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "warmup_steps", "save_steps", "learning_rate", "entropy_floor", "kl_ceiling"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -191,7 +216,9 @@ class RoundsConfig:
     prompts_per_round: int = 64
     """Train prompts searched per round (a fresh slice each round, cycling through the train split)."""
     traces_per_tree: int = 1
-    """SFT rounds: top-k correct root-to-leaf paths per tree (ranked by Q)."""
+    """SFT / RFT rounds: top-k correct root-to-leaf paths per tree (ranked by Q)."""
+    eval_every: int = 1
+    """Evaluate the held-out split every N rounds (and after the last); rounds in between only search and train."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """Optional supervised warm start."""
 
@@ -246,6 +273,24 @@ class RecipeConfig:
     ablate: AblateConfig = field(default_factory=AblateConfig)
     seed: int = 0
     """Seed of every RNG in the run (data, search, training)."""
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def _check_finite(section: Any, where: str) -> None:
+    """Every float field of ``section`` finite (``nan``/``inf`` are YAML floats and would pass the type check)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}.{f.name} must be a finite number, got {value}")
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{hint}")
 
 
 # --------------------------------------------------------------------------------------------------- mapping
@@ -311,6 +356,8 @@ def config_from_dict(data: dict, cls: type = RecipeConfig, prefix: str = "") -> 
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or 'recipe'}: {e}") from e
 

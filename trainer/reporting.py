@@ -20,7 +20,18 @@ __all__ = ["Reporter", "flat_metrics", "format_table"]
 
 _SEARCH_KEYS = ("generated_tokens", "search_time_s", "leaf_reward_mean", "search_accuracy", "reused_trees")
 _SIGNAL_KEYS = ("traces", "pairs", "advantage_records", "advantage_tokens", "nonzero_advantage_tokens")
-_NOT_TRAIN = (*_SEARCH_KEYS, *_SIGNAL_KEYS, "round", "eval", "eval_time_s", "checkpoint", "trees", "stepwise")
+_NOT_TRAIN = (
+    *_SEARCH_KEYS,
+    *_SIGNAL_KEYS,
+    "round",
+    "eval",
+    "eval_time_s",
+    "checkpoint",
+    "trees",
+    "stepwise",
+    "collapse",
+    "control",
+)
 
 
 def flat_metrics(row: dict) -> dict[str, float]:
@@ -64,7 +75,7 @@ def format_table(rows: list[dict]) -> str:
         cells = [str(r["round"])]
         cells += [f"{r['eval'][m]['accuracy']:.3f}" if m in r.get("eval", {}) else "-" for m in methods]
         cells += [str(r.get("generated_tokens", "-")), _signals(r), _num(r, "health/bits_per_char_ref")]
-        cells += [_num(r, "health/kl_from_round0"), f"{r['eval_time_s']:.1f}"]
+        cells += [_num(r, "health/kl_from_round0"), _num(r, "eval_time_s")]
         lines.append(" | ".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
 

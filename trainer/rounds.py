@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,15 +43,22 @@ from datasets import Dataset
 from thinktree.rewards import get_task
 from thinktree.search.store import TreeStore, search_resumable
 from thinktree.trainer.algos.dpo import DPOSettings, train_dpo
+from thinktree.trainer.algos.engine import Engine, is_zero3
+from thinktree.trainer.algos.grpo import GRPO
+from thinktree.trainer.algos.ppo import PPO, ppo_records
+from thinktree.trainer.algos.rft import RFT
 from thinktree.trainer.algos.sft import SFTSettings, train_sft
+from thinktree.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_model
 from thinktree.trainer.config import ConfigError, RecipeConfig
 from thinktree.trainer.distributed import Topology, topology
 from thinktree.trainer.evaluate import evaluate_policy
+from thinktree.trainer.learning import collapse_report, has_step_check, process_checked, randomise_rewards
+from thinktree.trainer.models import load_policy, save_policy
 from thinktree.trainer.outputs import prepare_output_dir, write_json_atomic
 from thinktree.trainer.reporting import Reporter
 from thinktree.trainer.searching import make_outcome_fn, make_prompts, make_proposer, run_method
 from thinktree.trainer.signals import signal_counts, step_pairs, tree_advantages
-from thinktree.trainer.signals.traces import sft_traces
+from thinktree.trainer.signals.traces import rft_records, sft_traces
 
 log = logging.getLogger("thinktree")
 
@@ -105,11 +113,7 @@ class Run:
 
     def save(self, path: Path) -> str:
         if self.engine is not None:
-            from thinktree.trainer.checkpoint import save_model
-
             return str(save_model(self.engine, path, tokenizer=self.tokenizer).absolute())
-        from thinktree.trainer.models import save_policy
-
         if self.topo.is_main:
             save_policy(self.model, self.tokenizer, path)
         self.topo.barrier()
@@ -148,6 +152,16 @@ def _check_recipe(cfg: RecipeConfig) -> None:
         raise ConfigError(f"eval.on_forgetting must be 'warn' or 'stop', got {cfg.eval.on_forgetting!r}")
     if cfg.rounds.num_rounds < 0:
         raise ConfigError(f"rounds.num_rounds must be >= 0, got {cfg.rounds.num_rounds}")
+    if cfg.rounds.eval_every < 1:
+        raise ConfigError(f"rounds.eval_every must be >= 1, got {cfg.rounds.eval_every}")
+    decays = cfg.train.lr_scheduler_type not in ("constant", "constant_with_warmup")
+    if cfg.train.algo in ENGINE_ALGOS and decays and cfg.train.steps == 0 and cfg.rounds.num_rounds > 0:
+        raise ConfigError(
+            f"train.lr_scheduler_type={cfg.train.lr_scheduler_type!r} decays over the run's "
+            "rounds.num_rounds × train.steps optimiser steps: set train.steps > 0 (0 means one pass, length unknown)"
+        )
+    if cfg.train.control != "none" and cfg.train.algo not in ENGINE_ALGOS:
+        raise ConfigError(f"train.control={cfg.train.control!r} needs train.algo in {ENGINE_ALGOS}")
 
 
 def _sft_settings(cfg: RecipeConfig, *, warm: bool) -> SFTSettings:
@@ -204,6 +218,8 @@ def search_stage(run: Run, prompts: list, rdir: Path, seed: int) -> dict:
     if reused:
         log.info("round search: reusing %d stored trees from %s; searching the rest", reused, store.path)
     outcome_fn, start = make_outcome_fn(run.task), time.perf_counter()
+    if run.cfg.search.process_check:
+        outcome_fn = process_checked(outcome_fn, run.task)
     with run.policy() as policy:
         proposer = make_proposer(policy, run.tokenizer, run.cfg.search)
         search_resumable(
@@ -257,50 +273,102 @@ def _train_dpo(run: Run, trees: list, rdir: Path) -> dict:
     return {"train_loss": metrics.get("train_loss")}
 
 
-def _train_policy_gradient(run: Run, trees: list, rdir: Path) -> dict:
-    """GRPO on per-token tree advantages, or PPO with a value head.
+ENGINE_ALGOS = ("grpo", "ppo", "rft")
+"""Round algorithms trained on the hand-written engine, whose state carries from round to round."""
 
-    Each round builds a fresh engine (optimizer state starts anew every round, as in iterative self-training), so a
-    run resumed at a round boundary is the same run; the policy's weights are updated in place. Under ZeRO-3 the
-    weights stay partitioned inside the engine, so it is kept across rounds and the search and evaluation gather them
-    (:meth:`Run.policy`); there the optimizer state carries over from round to round.
-    """
-    from thinktree.trainer.algos.engine import is_zero3
 
+def _compile(run: Run, trees: list) -> list[dict]:
+    """The round's records for the engine algorithm ``train.algo``."""
     t = run.cfg.train
     if t.algo == "grpo":
-        from thinktree.trainer.algos.grpo import train_grpo as train_fn
+        return [rec for tree in trees for rec in tree_advantages(tree, method=t.advantage)]
+    if t.algo == "ppo":
+        return [rec for tree in trees for rec in ppo_records(tree)]
+    return rft_records(trees, k=run.cfg.rounds.traces_per_tree)
 
-        records = [rec for tree in trees for rec in tree_advantages(tree, method=t.advantage)]
-    else:
-        from thinktree.trainer.algos.ppo import ppo_records
-        from thinktree.trainer.algos.ppo import train_ppo as train_fn
 
-        records = [rec for tree in trees for rec in ppo_records(tree)]
+def _horizon(cfg: RecipeConfig) -> int | None:
+    """Optimiser steps of the whole run (the LR schedule's length); None when ``train.steps`` is 0 (one pass)."""
+    return cfg.train.steps * cfg.rounds.num_rounds if cfg.train.steps > 0 else None
+
+
+def _engine(run: Run, rdir: Path) -> Engine:
+    """The run's one training engine: built at the first training round, or rebuilt on resume from the newest
+    finished round's training checkpoint (weights, optimiser moments, LR schedule, RNG, PPO's value head)."""
+    if run.engine is not None:
+        return run.engine
+    algo = TRAINERS[run.cfg.train.algo]
+    run.engine = Engine(run.model, run.tokenizer, run.cfg.train, value_head=algo.value_head,
+                        num_training_steps=_horizon(run.cfg))  # fmt: skip
+    done = sorted(p for p in run.out.glob("round-*/trainer") if p.parent.name < rdir.name)
+    ckpt = next((c for c in map(latest_checkpoint, reversed(done)) if c is not None), None)
+    if ckpt is not None:
+        load_checkpoint(run.engine, ckpt)
+        log.info("training state (optimiser, schedule, RNG) resumed from %s", ckpt)
+        if (
+            run.engine.ref_model is not None
+        ):  # the frozen reference is the round-1 start, not the resumed policy
+            ws = run.stages.get("warm_start")
+            ref, _ = load_policy(ws["checkpoint"] if ws else run.cfg.model.policy, dtype=run.cfg.model.dtype,
+                                 seed=run.cfg.seed, tiny_sizes=run.cfg.model.tiny_sizes)  # fmt: skip
+            run.engine.ref_model.load_state_dict(ref.state_dict())
+    return run.engine
+
+
+def _prune_training_state(run: Run, rdir: Path) -> None:
+    """Keep only the newest round's training checkpoints (earlier rounds' state is superseded)."""
+    if run.topo.is_main:
+        for old in run.out.glob("round-*/trainer"):
+            if old.parent.name < rdir.name:
+                shutil.rmtree(old, ignore_errors=True)
+    run.topo.barrier()
+
+
+def _train_engine(run: Run, trees: list, rdir: Path) -> dict:
+    """GRPO on per-token tree advantages, PPO with a value head, or RFT (expert iteration) on verified paths.
+
+    One engine serves the whole run: AdamW's moments, the LR schedule (warm-up and decay over
+    ``rounds.num_rounds × train.steps`` steps), PPO's critic and the reference policy carry from round to round;
+    each round ends with a resumable training checkpoint in ``round-XX/trainer/``, from which a resumed run rebuilds
+    the engine. ``train.control``: ``random_reward`` trains on the same trees with coin-flip rewards,
+    ``zero_update`` compiles and records the signals but takes no optimiser step.
+    """
+    t = run.cfg.train
+    if t.control == "random_reward":
+        trees, p = randomise_rewards(trees, np.random.default_rng([run.cfg.seed, int(rdir.name[-2:]), 7]))
+        log.info("random-reward control: leaf rewards replaced by coin flips at p=%.3f", p)
+    records = _compile(run, trees)
     _write_signals(run, rdir, records)
     if not records:
         return {}
-    engine, history = train_fn(
-        run.model, run.tokenizer, records, t, seed=run.cfg.seed, checkpoint_dir=rdir / "trainer", engine=run.engine
-    )  # fmt: skip
-    # Under ZeRO-3 the weights live partitioned in this engine now: keep it for later rounds.
-    if is_zero3(engine.accelerator):
-        run.engine = engine
+    if t.control == "zero_update":
+        return {"control": "zero_update"}
+    engine = _engine(run, rdir)
+    history = TRAINERS[t.algo](engine, seed=run.cfg.seed * 1000 + int(rdir.name[-2:])).train(
+        records, checkpoint_dir=rdir / "trainer"
+    )
     if run.topo.is_main:  # every optimiser step's metrics, for TensorBoard (see Reporter.round)
         with open(rdir / "train_metrics.jsonl", "w") as f:
             for m in history:
                 f.write(json.dumps(m) + "\n")
+    _prune_training_state(run, rdir)
+    reasons = collapse_report(trees, records, history, entropy_floor=t.entropy_floor, kl_ceiling=t.kl_ceiling)
     last = history[-1] if history else {}
-    return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("train/")}
+    info = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("train/")}
+    return {**info, "optimizer_steps": engine.optimizer_steps, "collapse": reasons}
 
 
 ROUND_TRAINERS = {
     "sft": _train_sft,
     "dpo": _train_dpo,
-    "grpo": _train_policy_gradient,
-    "ppo": _train_policy_gradient,
+    "grpo": _train_engine,
+    "ppo": _train_engine,
+    "rft": _train_engine,
 }
 """Round training stage per ``train.algo``: (run, trees, round dir) → metrics for the summary."""
+
+TRAINERS = {"grpo": GRPO, "ppo": PPO, "rft": RFT}
+"""Engine algorithms by ``train.algo`` (each a :class:`GRPO` subclass: loss, precompute, value head)."""
 
 
 def train_stage(run: Run, rdir: Path) -> dict:
@@ -314,6 +382,8 @@ def train_stage(run: Run, rdir: Path) -> dict:
         counts.pop("trees", None)  # the search record's tree count is the one the summary reports
     if not info:
         log.warning("round: no training signal in %d trees; the policy is not updated this round", len(trees))
+    for reason in info.get("collapse") or []:
+        log.warning("round %s cannot teach: %s", rdir.name, reason)
     return {**counts, **info, "train_time_s": time.perf_counter() - start}
 
 
@@ -358,8 +428,6 @@ def _forgetting(run: Run, row: dict, round0: dict | None) -> bool:
 
 def run_train(cfg: RecipeConfig) -> dict:
     """Run a recipe end to end (resumable); returns the summary written to ``summary.json``."""
-    from thinktree.trainer.models import load_policy
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _check_recipe(cfg)
     topo = topology()
@@ -371,6 +439,8 @@ def run_train(cfg: RecipeConfig) -> dict:
         lora=None if checkpoint else cfg.model.lora,
     )  # fmt: skip
     run = Run(cfg, topo, out, stages, get_task(cfg.task.name, **cfg.task.kwargs), model, tokenizer)
+    if cfg.search.process_check and not has_step_check(run.task):
+        raise ConfigError(f"search.process_check: task {cfg.task.name!r} cannot check steps")
     report = Reporter(out, cfg, enabled=topo.is_main)
     needs_train = cfg.rounds.num_rounds > 0 or cfg.rounds.warm_start.algo != "none"
     train_rows = run.task.load("train", n=cfg.task.train_size, seed=cfg.seed) if needs_train else None
@@ -390,13 +460,24 @@ def run_train(cfg: RecipeConfig) -> dict:
             stages.finish(f"round-{r}/search", search_stage(run, prompts, rdir, cfg.seed * 1000 + r))
         if r > 0 and stages.get(f"round-{r}/train") is None:
             record = train_stage(run, rdir)
-            if (
-                run.topo.world > 1 and run.engine is None
-            ):  # replicated weights (DDP): all ranks trained one model
+            if run.topo.world > 1 and not (run.engine and is_zero3(run.engine.accelerator)):
+                # replicated weights (DDP): all ranks trained one model
                 run.topo.check_same(f"the weights after round {r}", weights_digest(run.model))
             record["checkpoint"] = run.save(rdir / "checkpoint")
             stages.finish(f"round-{r}/train", record)
         row = stages.get(f"round-{r}/eval")
+        collapsed = (
+            (stages.get(f"round-{r}/train") or {}).get("collapse")
+            if cfg.train.on_collapse == "stop"
+            else None
+        )
+        if row is None and 0 < r < cfg.rounds.num_rounds and r % cfg.rounds.eval_every and not collapsed:
+            row = {
+                "round": r,
+                **(stages.get(f"round-{r}/search") or {}),
+                **(stages.get(f"round-{r}/train") or {}),
+            }
+            stages.finish(f"round-{r}/eval", row)  # rounds.eval_every: a training-only round
         if row is None:
             start = time.perf_counter()
             with run.policy() as policy:
@@ -412,11 +493,11 @@ def run_train(cfg: RecipeConfig) -> dict:
             if topo.is_main:
                 write_json_atomic(rdir / "eval.json", row)
             stages.finish(f"round-{r}/eval", row)
-            if stop:
-                log.warning(
-                    "round %d: retained accuracy fell past the threshold; stopping (eval.on_forgetting=stop)",
-                    r,
-                )
+            if stop or collapsed:
+                why = "; ".join(collapsed) if collapsed else "retained accuracy fell past the threshold"
+                knob = "train.on_collapse" if collapsed else "eval.on_forgetting"
+                log.warning("round %d: %s; stopping (%s=stop; the same command resumes with round %d)",
+                            r, why, knob, r + 1)  # fmt: skip
                 report.round(row, rdir)
                 break
         report.round(row, rdir)

@@ -28,6 +28,7 @@ from thinktree.rewards.tasks.base import Task, check_split, synth_rows, task
 if TYPE_CHECKING:
     import datasets
 
+_STEP_RE = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*$")
 _QUESTION_RE = re.compile(r"Use ((?:\d+ )*\d+) to make (\d+)")
 _ANSWER_RE = re.compile(r"Answer\s*:([^\n]*)")
 _TOKEN_RE = re.compile(r"\s*(?:(\d+)|([-+*/()]))")
@@ -254,3 +255,25 @@ class CountdownTask(Task):
             if value.denominator == 1:
                 return used, int(value)
         return None, None
+
+    @staticmethod
+    def check_steps(steps: list[str], numbers: Any) -> bool:
+        """Whether every ``a<op>b=c`` step line is right and uses numbers still available (process check).
+
+        The pool starts as the given ``numbers``; a step takes ``a`` and ``b`` out of it and puts ``c`` in, so a
+        number is used at most once and only intermediate results that exist can be reused. Other lines (the
+        ``Answer:`` line) are not checked here: the outcome verifier grades them.
+        """
+        pool = Counter(int(x) for x in (re.findall(r"\d+", numbers) if isinstance(numbers, str) else numbers))
+        for text in steps:
+            for line in text.splitlines():
+                m = _STEP_RE.match(line)
+                if m is None:
+                    continue
+                a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+                value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b and a % b == 0 else None}[op]
+                need = Counter([a, b])
+                if value != c or need - pool:
+                    return False
+                pool = pool - need + Counter([c])
+        return True

@@ -195,15 +195,22 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def step_plan(
     n: int, global_batch: int, num_iterations: int, seed: int, max_steps: int | None = None
 ) -> list[list[int]]:
-    """Record indices of each optimiser step: ``num_iterations`` seeded passes of ``global_batch``-sized chunks."""
+    """Record indices of each optimiser step: seeded passes of ``global_batch``-sized chunks.
+
+    ``max_steps=None``: ``num_iterations`` passes. ``max_steps=k``: exactly ``k`` steps, cut from as many seeded
+    passes as that takes (``train.steps`` is a count, not an upper bound: 30 steps over 3 chunks is 10 passes).
+    """
     if n <= 0 or global_batch <= 0 or num_iterations <= 0:
         raise ValueError(
             f"step_plan needs n, global_batch, num_iterations > 0; got {n}, {global_batch}, {num_iterations}"
         )
     gen = torch.Generator().manual_seed(int(seed))
     chunks = math.ceil(n / global_batch)
+    passes = (
+        num_iterations if max_steps is None else max(num_iterations, math.ceil(max(0, max_steps) / chunks))
+    )
     plan: list[list[int]] = []
-    for _ in range(num_iterations):
+    for _ in range(passes):
         perm = torch.randperm(n, generator=gen).tolist()
         order = (perm * math.ceil(chunks * global_batch / n))[: chunks * global_batch]
         plan.extend(order[i * global_batch : (i + 1) * global_batch] for i in range(chunks))

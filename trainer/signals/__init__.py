@@ -2,7 +2,8 @@
 
 Pure functions over finished :class:`~thinktree.search.tree.Tree` objects (no torch):
 
-* :func:`sft_traces` (rStar-Math) — TRL prompt-completion records of the best correct paths;
+* :func:`sft_traces` (rStar-Math) — TRL prompt-completion records of the best correct paths, and
+  :func:`rft_records`, the same paths as token records for expert iteration on the engine;
 * :func:`step_pairs` (MCTS-DPO) — TRL preference records between sibling steps;
 * :func:`tree_advantages` / :data:`ADVANTAGES` (TreeRL, TreeRPO, GRPO) and :func:`iid_group_advantages` —
   token-level advantage records for policy-gradient training.
@@ -23,7 +24,7 @@ from thinktree.trainer.signals.advantages import (
     tree_advantages,
 )
 from thinktree.trainer.signals.pairs import pair_weight, step_pairs
-from thinktree.trainer.signals.traces import path_q, sft_traces
+from thinktree.trainer.signals.traces import path_q, rft_records, sft_traces
 
 __all__ = [
     "ADVANTAGES",
@@ -31,6 +32,7 @@ __all__ = [
     "iid_group_advantages",
     "pair_weight",
     "path_q",
+    "rft_records",
     "sft_traces",
     "signal_counts",
     "step_pairs",

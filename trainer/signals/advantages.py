@@ -53,6 +53,7 @@ from thinktree.search.tree import NO_PARENT, ROOT, Tree
 
 __all__ = [
     "ADVANTAGES",
+    "path_record",
     "AdvantageFn",
     "step_values",
     "treerl_step_advantages",
@@ -174,7 +175,9 @@ def grpo_leaf_advantages(
     return {i: (s - mean) / scale for i, s in zip(leaves, scores)}
 
 
-def _record(tree: Tree, node: int, method: str, token_adv: Callable[[int], float], train_from: int) -> dict:
+def path_record(
+    tree: Tree, node: int, method: str, token_adv: Callable[[int], float], train_from: int = 1
+) -> dict:
     """Record for the path root → ``node``; steps at depth ``>= train_from`` are trained, the rest is context."""
     ids: list[int] = []
     adv: list[float] = []
@@ -209,11 +212,11 @@ def _record(tree: Tree, node: int, method: str, token_adv: Callable[[int], float
 def _step_records(tree: Tree, adv: dict[int, float], method: str, dedupe_prefixes: bool) -> list[dict]:
     if dedupe_prefixes:
         return [
-            _record(tree, i, method, adv.__getitem__, train_from=tree.nodes[i].depth)
+            path_record(tree, i, method, adv.__getitem__, train_from=tree.nodes[i].depth)
             for i in sorted(adv)
             if i != ROOT
         ]
-    return [_record(tree, leaf, method, adv.__getitem__, train_from=1) for leaf in tree.terminal_leaves()]
+    return [path_record(tree, leaf, method, adv.__getitem__, train_from=1) for leaf in tree.terminal_leaves()]
 
 
 def treerl_advantages(
@@ -249,7 +252,7 @@ def grpo_advantages(
         )
     t = _as_tree(tree)
     adv = grpo_leaf_advantages(t, threshold, True if normalize is None else normalize)
-    return [_record(t, leaf, "grpo", lambda _i, a=a: a, train_from=1) for leaf, a in adv.items()]
+    return [path_record(t, leaf, "grpo", lambda _i, a=a: a, train_from=1) for leaf, a in adv.items()]
 
 
 AdvantageFn = Callable[..., list[dict]]
@@ -295,7 +298,7 @@ def iid_group_advantages(chains: Any, threshold: float | None = 0.5, normalize: 
                     f"iid_group_advantages: tree key={t.key} branches at node {i}; not i.i.d. chains"
                 )
         adv = grpo_leaf_advantages(t, threshold, normalize)
-        out.extend(_record(t, leaf, "iid", lambda _i, a=a: a, train_from=1) for leaf, a in adv.items())
+        out.extend(path_record(t, leaf, "iid", lambda _i, a=a: a, train_from=1) for leaf, a in adv.items())
     return out
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from thinktree.search.tree import Tree
+from thinktree.trainer.signals.advantages import path_record
 
-__all__ = ["sft_traces", "path_q"]
+__all__ = ["sft_traces", "path_q", "rft_records"]
 
 
 def path_q(tree: Tree, node: int) -> float:
@@ -60,4 +61,17 @@ def sft_traces(trees: Iterable[Tree], k: int = 1, threshold: float = 0.5) -> lis
             kept += 1
             if kept == k:
                 break
+    return out
+
+
+def rft_records(trees: Iterable[Tree], k: int = 1, threshold: float = 0.5) -> list[dict]:
+    """Expert-iteration records: the :func:`sft_traces` paths as token records (advantage 1 on every token).
+
+    Same format as :func:`~thinktree.trainer.signals.advantages.tree_advantages`' path records (``method: "rft"``),
+    so :class:`~thinktree.trainer.algos.rft.RFT` trains on the exact token ids the search generated.
+    """
+    out: list[dict] = []
+    for tree in trees:
+        for trace in sft_traces([tree], k=k, threshold=threshold):
+            out.append(path_record(tree, trace["node"], "rft", lambda _i: 1.0))
     return out
