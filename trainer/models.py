@@ -50,7 +50,7 @@ import sys
 import tempfile
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,11 +78,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "NonFiniteWeightsError",
     "apply_lora",
+    "check_finite_weights",
+    "check_prompt_lengths",
     "convert_gguf",
     "describe_policy",
     "gguf_cache_root",
     "load_policy",
+    "model_context",
+    "remove_partials",
     "save_policy",
 ]
 
@@ -168,6 +173,8 @@ def _resolve(spec: str, options: _LoadOptions) -> tuple[PreTrainedModel, PreTrai
         path = _resolve_package_file(spec)
     else:
         path = Path(spec).expanduser()
+        if not path.exists():
+            _remove_stale_siblings(path.absolute(), restore_only=True)  # a replacement killed midway
         if not path.exists():
             if _looks_like_path(spec) or not _HUB_ID.match(spec):
                 raise FileNotFoundError(
@@ -474,6 +481,10 @@ def save_policy(
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) to ``out_dir`` atomically and return its path.
 
+    Leftovers of a save killed midway beside ``out_dir`` (``.<name>.partial-<pid>-*`` / ``.<name>.old-<pid>-*``
+    of a process that is gone) are removed first; a killed replacement whose ``out_dir`` is missing gets its
+    previous version back (see :func:`remove_partials`).
+
     A plain model becomes a standard HF directory (safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads; a
     LoRA ``PeftModel`` becomes a PEFT adapter directory that ``peft.PeftModel.from_pretrained(base, out_dir)`` loads
     (and ``load_policy(out_dir)`` too, base included). Everything is written into a hidden temporary folder beside
@@ -482,7 +493,8 @@ def save_policy(
     """
     out = Path(out_dir).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_siblings(out)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         if not _is_peft(model):
             _strip_gguf_quantizer(model)
@@ -504,7 +516,7 @@ def _replace_dir(new: Path, out: Path) -> None:
     if not out.exists():
         os.rename(new, out)
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(out, old)
     try:
         os.rename(new, out)
@@ -512,3 +524,142 @@ def _replace_dir(new: Path, out: Path) -> None:
         os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?:(?P<pid>\d+)-)?[^/]*$")
+
+
+def _stale(match: re.Match[str]) -> bool:
+    """A leftover of a process that is gone (names without a pid predate pid tagging: always stale)."""
+    pid = match.group("pid")
+    return pid is None or int(pid) == os.getpid() or not _pid_alive(int(pid))
+
+
+def _remove_stale_siblings(out: Path, removed: list[Path] | None = None, restore_only: bool = False) -> None:
+    """Restore or remove the leftovers of earlier, killed saves of ``out`` (see :func:`remove_partials`);
+    ``restore_only``: only bring back an interrupted replacement's old copy."""
+    if not out.parent.is_dir():
+        return
+    for entry in sorted(out.parent.iterdir()):
+        m = _LEFTOVER.match(entry.name)
+        if m is None or m.group("name") != out.name or not entry.is_dir() or not _stale(m):
+            continue
+        if m.group("kind") == "old" and not out.exists():
+            os.rename(entry, out)  # killed between the two renames of a replacement: the complete old copy
+            logger.warning("restored %s from %s (a replacement was interrupted)", out, entry.name)
+            continue
+        if restore_only:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        logger.info("removed %s, left by an interrupted save", entry)
+        if removed is not None:
+            removed.append(entry)
+
+
+def remove_partials(root: str | os.PathLike[str]) -> list[Path]:
+    """Clean the leftovers of saves killed midway anywhere under ``root``; returns the folders removed.
+
+    A save writes ``.<name>.partial-<pid>-*`` beside its target and renames it into place; replacing an existing
+    target first renames that to ``.<name>.old-<pid>-*``. A kill can leave either behind. Leftovers of processes
+    that are gone are removed, except that an ``.old`` copy whose target is missing (a kill between the two
+    renames) is renamed back into place. Leftovers of live processes (a save in progress) are kept.
+    ``save_policy`` does this for its own target; call this once at the start of a resumed run (main process).
+    """
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    targets = set()
+    for dirpath, dirnames, _files in os.walk(root):
+        for d in dirnames:
+            m = _LEFTOVER.match(d)
+            if m is not None:
+                targets.add(Path(dirpath) / m.group("name"))
+        dirnames[:] = [d for d in dirnames if _LEFTOVER.match(d) is None]
+    for target in sorted(targets):
+        _remove_stale_siblings(target, removed)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------- health checks
+class NonFiniteWeightsError(ValueError):
+    """A model's parameters hold NaN or infinity (a diverged or misconfigured training step)."""
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the parameters that hold NaN or inf (``where``: the stage).
+
+    Checks this process's values: a full parameter, or its local shard under DeepSpeed ZeRO-3 (``ds_tensor``).
+    """
+    bad: list[str] = []
+    total = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            total += 1
+            values = getattr(param, "ds_tensor", None) if param.numel() == 0 else param
+            if values is not None and values.numel() and not bool(torch.isfinite(values).all()):
+                bad.append(name)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteWeightsError(
+            f"{where}: the weights are not finite (NaN or inf) in {len(bad)} of {total} parameter tensors "
+            f"({shown}); training diverged: lower the learning rate or check the recipe"
+        )
+
+
+def model_context(model: Any) -> int | None:
+    """The number of positions the model can attend to (``max_position_embeddings``), None if unbounded (Mamba)."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    return int(context) if context else None
+
+
+def check_prompt_lengths(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    what: str,
+    names: Sequence[str] | None = None,
+    reserve: int = 1,
+) -> None:
+    """Refuse texts that do not fit the model context, naming the rows; does nothing for an unbounded model.
+
+    ``texts``: what the model will be fed (prompts for search: ``reserve=1`` leaves room to generate a token;
+    prompt + solution for SFT: ``reserve=0``). ``what`` names the data (``"arith train split"``), ``names`` each
+    row (default ``row <i>``). Counted with the tokenizer's special tokens, as the search backend feeds them.
+    Raises ``ValueError``: ``<what>: N of M rows do not fit the model context (C positions): row 3 (812 tokens:
+    'Question: ...'), ...``.
+    """
+    context = model_context(model)
+    if context is None or not texts:
+        return
+    limit = context - reserve
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    over = [(i, len(x)) for i, x in enumerate(ids) if len(x) > limit]
+    if not over:
+        return
+    labels = list(names) if names is not None else [f"row {i}" for i in range(len(texts))]
+
+    def describe(i: int, n: int) -> str:
+        head = " ".join(texts[i].split())[:60]
+        return f"{labels[i]} ({n} tokens: {head!r})"
+
+    shown = "; ".join(describe(i, n) for i, n in over[:3]) + (
+        f"; and {len(over) - 3} more" if len(over) > 3 else ""
+    )
+    room = f" with {reserve} position(s) left to generate" if reserve else ""
+    raise ValueError(
+        f"{what}: {len(over)} of {len(texts)} rows do not fit the model context ({context} positions{room}): "
+        f"{shown}; shorten or remove them, or use a model with a longer context"
+    )

@@ -4,11 +4,17 @@
 config must match the new one (the ``output`` and ``ablate`` sections aside — ablation cells are identified by their
 own hash — and fields added to the schema since count as their defaults), else :class:`ConfigError` names the differing fields and
 nothing is written. That is what makes resuming safe: a restarted run continues only its own work.
+
+JSON written here is strict: ``write_json_atomic`` and ``dumps_finite`` write a NaN or infinite number as ``null``
+(and log the fields), never as the ``NaN`` / ``Infinity`` literals other JSON readers reject.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -18,7 +24,9 @@ import yaml
 
 from thinktree.trainer.config import ConfigError, RecipeConfig, config_from_dict, config_to_dict
 
-__all__ = ["prepare_output_dir", "write_json_atomic", "config_diff"]
+__all__ = ["prepare_output_dir", "write_json_atomic", "config_diff", "finite_json", "dumps_finite"]
+
+logger = logging.getLogger(__name__)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -43,13 +51,40 @@ def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ("output.", "abl
     return lines
 
 
+def finite_json(data: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``data`` with every NaN or infinite number replaced by ``None`` (numpy scalars become floats), and the
+    paths of the replaced values (``rounds[0].loss``)."""
+    if isinstance(data, dict):
+        out, bad = {}, []
+        for k, v in data.items():
+            out[k], sub = finite_json(v, f"{where}.{k}" if where else str(k))
+            bad += sub
+        return out, bad
+    if isinstance(data, (list, tuple)):
+        items = [finite_json(v, f"{where}[{i}]") for i, v in enumerate(data)]
+        return [v for v, _ in items], [b for _, sub in items for b in sub]
+    if isinstance(data, numbers.Real) and not isinstance(data, numbers.Integral):
+        value = float(data)
+        return (value, []) if math.isfinite(value) else (None, [where or "<value>"])
+    return data, []
+
+
+def dumps_finite(data: Any, what: str = "JSON", **kwargs: Any) -> str:
+    """``json.dumps`` with non-finite numbers as ``null`` (logged with ``what``, e.g. the file, and the fields)."""
+    clean, bad = finite_json(data)
+    if bad:
+        logger.warning("%s: non-finite numbers written as null: %s", what, ", ".join(bad[:10]))
+    return json.dumps(clean, allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file in the same directory, then rename it over ``path``."""
+    """Write JSON to a temporary file in the same directory, then rename it over ``path`` (NaN/inf as null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = dumps_finite(data, str(path), indent=2)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
