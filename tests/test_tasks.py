@@ -228,8 +228,8 @@ def test_gsm8k_loader(tmp_path: Path) -> None:
     assert sub.to_list()[:5] == task.load("train", n=5, seed=1).to_list()
     assert sub["question"] != task.load("train", n=10, seed=2)["question"]
     assert len(task.load("test", n=100)) == 5
-    single = get_task("gsm8k", path=tmp_path / "test.jsonl").load("train")
-    assert len(single) == 5
+    single = get_task("gsm8k", path=tmp_path / "train.jsonl")  # one file, both splits: split by a hash
+    assert set(single.load("train")["question"]).isdisjoint(single.load("test")["question"])
     assert task.reward(ds["solution"], answer=ds["answer"]) == [1.0] * len(ds)
     with pytest.raises(ValueError, match="no such file"):
         get_task("gsm8k", path=tmp_path / "missing").load("train")

@@ -10,6 +10,7 @@ Solutions follow one format everywhere: one reasoning step per line, last line `
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -123,11 +124,39 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
 
 
+def check_task_kwargs(cls: type, kwargs: dict[str, Any]) -> None:
+    """Refuse keyword options that ``cls.__init__`` does not take, naming them and the ones it does take.
+
+    A recipe's ``task.kwargs`` belong to its task: ``task.name=gsm8k task.kwargs.path=F`` on a recipe written for
+    arith keeps arith's ``digits``, which gsm8k does not take (set the whole dict instead: ``task.kwargs={path: F}``).
+    """
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(k for k in kwargs if k not in known)
+    if unknown:
+        name = getattr(cls, "name", cls.__name__)
+        raise ValueError(
+            f"task.kwargs: task {name!r} has no option(s) {', '.join(map(repr, unknown))} (its options: "
+            f"{', '.join(known) or 'none'}); options left from another task's recipe? set the whole dict, "
+            f"e.g. 'task.kwargs={{{known[0] if known else 'option'}: ...}}'"
+        )
+
+
 class Task:
-    """Base class of all tasks; subclasses implement ``load``, ``extract_answer`` and ``score``."""
+    """Base class of all tasks; subclasses implement ``load``, ``extract_answer`` and ``score``.
+
+    Constructing a task with an option its ``__init__`` does not take raises one ``ValueError`` that names the
+    option and the ones it takes (:func:`check_task_kwargs`), not a ``TypeError``.
+    """
 
     name: ClassVar[str] = "task"
     system_prompt: ClassVar[str] = DEFAULT_SYSTEM_PROMPT
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Task:
+        check_task_kwargs(cls, kwargs)
+        return super().__new__(cls)
 
     def load(self, split: str = "train", n: int | None = None, seed: int = 0) -> datasets.Dataset:
         """A dataset with at least ``question``, ``prompt`` and ``answer`` (and ``solution`` where known)."""

@@ -1,7 +1,8 @@
 """``gsm8k``: grade-school math word problems (Cobbe et al., 2021) with a numeric grader.
 
 Data: a local JSON-lines file or a directory holding ``train.jsonl``/``test.jsonl`` (rows ``{"question",
-"answer"}``, the answer's last line ``#### N``), or, when no path is given, a hub id loaded with
+"answer"}``, the answer's last line ``#### N``; a single file serves both splits, split by a stable hash of the
+question with ``test_frac`` of it held out, see :func:`~thinktree.rewards.tasks.jsonl.hash_split`), or, when no path is given, a hub id loaded with
 ``datasets.load_dataset`` (default ``openai/gsm8k``, config ``main``). Columns: ``question``, ``prompt``,
 ``answer`` (the number after ``####``, commas removed) and ``solution`` (the reference, ``<<...>>`` calculator
 annotations stripped, one step per line, last line ``Answer: N``).
@@ -20,10 +21,11 @@ import math
 import os
 import re
 from fractions import Fraction
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thinktree.rewards.tasks.base import Task, check_split, last_boxed, take, task
-from thinktree.rewards.tasks.jsonl import read_jsonl, resolve_split_file
+from thinktree.rewards.tasks.jsonl import hash_split, read_jsonl, resolve_split_file
 
 if TYPE_CHECKING:
     import datasets
@@ -139,15 +141,23 @@ class GSM8KTask(Task):
     )
 
     def __init__(
-        self, path: str | os.PathLike[str] | None = None, hub_id: str = "openai/gsm8k", config: str = "main"
+        self,
+        path: str | os.PathLike[str] | None = None,
+        hub_id: str = "openai/gsm8k",
+        config: str = "main",
+        test_frac: float = 0.1,
     ) -> None:
-        self.path, self.hub_id, self.config = path, hub_id, config
+        self.path, self.hub_id, self.config, self.test_frac = path, hub_id, config, test_frac
 
     def raw_rows(self, split: str) -> list[dict[str, str]]:
         """``{"question", "answer"}`` rows as stored (answer = the full reference)."""
         check_split(split)
         if self.path is not None:
-            return read_jsonl(resolve_split_file(self.path, split), ("question", "answer"), _check_reference)
+            source = resolve_split_file(self.path, split)
+            rows = read_jsonl(source, ("question", "answer"), _check_reference)
+            if Path(self.path).is_file():  # one file for both splits: held-out rows must never be trained on
+                rows = hash_split(rows, split, self.test_frac, source)
+            return rows
         import datasets
 
         ds = datasets.load_dataset(self.hub_id, self.config, split=split)
