@@ -30,17 +30,17 @@ TINY = [
 def test_search_command_writes_trees_and_resumes(tmp_path, capsys):
     args = ["search", *TINY, f"output.dir={tmp_path}", "search.max_batch_size=2"]
     assert main(args + ["--limit", "3"]) == 0
-    store = TreeStore(tmp_path / "search" / "trees.jsonl")
+    store = TreeStore(tmp_path / "search" / "test" / "trees.jsonl")
     assert len(store) == 3
-    summary = json.loads((tmp_path / "search" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "search" / "test" / "summary.json").read_text())
     assert summary["num_prompts"] == 3 and summary["generated_tokens"] > 0
     assert 0.0 <= summary["accuracy"] <= 1.0
-    first = (tmp_path / "search" / "trees.jsonl").read_bytes()
+    first = (tmp_path / "search" / "test" / "trees.jsonl").read_bytes()
     # a larger run over the same output resumes: the first three trees are kept byte for byte
     assert main(args + ["--limit", "4"]) == 0
     assert "resuming: 3 of 4" in capsys.readouterr().out
-    assert (tmp_path / "search" / "trees.jsonl").read_bytes().startswith(first)
-    assert len(TreeStore(tmp_path / "search" / "trees.jsonl")) == 4
+    assert (tmp_path / "search" / "test" / "trees.jsonl").read_bytes().startswith(first)
+    assert len(TreeStore(tmp_path / "search" / "test" / "trees.jsonl")) == 4
 
 
 def test_train_pipeline_runs_rounds_and_resumes(tmp_path):

@@ -10,6 +10,10 @@
 Also runs under accelerate: ``accelerate launch -m thinktree.trainer.cli train --config recipes/X.yaml``.
 Any config field can be overridden after the options, as ``search.num_simulations=32`` or
 ``--search.num_simulations 32``; unknown fields are an error that names them.
+
+Every error a user can cause (a bad recipe, override, file, model or data: :data:`USER_ERRORS`) is one line on
+stderr, ``thinktree <command>: <message>``, and exit status 2; ``--debug`` anywhere on the command line shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ COMMANDS = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="thinktree", description="MCTS reasoning trainer")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "view", help="render a tree store (trees.jsonl) as a self-contained HTML page", add_help=False
@@ -58,30 +63,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError)
+"""What a user can cause (a bad recipe or override, a missing or malformed file, a model or data that does not fit):
+reported as one line and exit status 2. Anything else is a bug and keeps its traceback."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (multi-line messages, e.g. YAML errors, joined with `` | ``)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return " | ".join(lines) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error (:data:`USER_ERRORS`) prints ``thinktree <command>: <message>`` on one line and
+    returns 2 (``--debug`` anywhere on the line re-raises it instead, with its traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    try:
+        return _dispatch(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"thinktree{' ' + command if command else ''}: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["view"]:  # the viewer takes no recipe: it reads a tree store
         from thinktree.trainer.view import view_main
 
-        try:
-            return view_main(argv[1:])
-        except FileNotFoundError as e:
-            print(f"thinktree view: {e}", file=sys.stderr)
-            return 2
+        return view_main(argv[1:])
     if argv[:1] == ["prm"]:  # reads tree stores, no recipe
         from thinktree.trainer.prm_command import prm_main
 
-        try:
-            return prm_main(argv[1:])
-        except (FileNotFoundError, ValueError) as e:
-            print(f"thinktree prm: {e}", file=sys.stderr)
-            return 2
+        return prm_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"thinktree: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if args.command == "train":
         from thinktree.trainer.rounds import run_train
 
@@ -94,21 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         from thinktree.trainer.evaluate import run_eval_command
 
         methods = args.methods.split(",") if args.methods else None
-        try:
-            run_eval_command(
-                cfg, checkpoint=args.checkpoint, split=args.split, methods=methods, prm=args.prm, out=args.out
-            )
-        except ConfigError as e:
-            print(f"thinktree eval: {e}", file=sys.stderr)
-            return 2
+        run_eval_command(
+            cfg, checkpoint=args.checkpoint, split=args.split, methods=methods, prm=args.prm, out=args.out
+        )
     elif args.command == "ablate":
         from thinktree.trainer.ablate import run_ablate_command
 
-        try:
-            run_ablate_command(cfg, checkpoint=args.checkpoint, prm=args.prm)
-        except ConfigError as e:
-            print(f"thinktree ablate: {e}", file=sys.stderr)
-            return 2
+        run_ablate_command(cfg, checkpoint=args.checkpoint, prm=args.prm)
     return 0
 
 

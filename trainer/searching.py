@@ -3,7 +3,7 @@
 ``run_method`` runs any named search method (mcts, gumbel, greedy, best_of_n, step_beam) with the same budget
 accounting;
 ``run_search_command`` is ``thinktree search``: it searches a task split with the recipe's policy, appends each tree to
-``<output.dir>/search/trees.jsonl`` as it finishes (a rerun resumes, skipping prompts already done) and writes
+``<output.dir>/search/<split>/trees.jsonl`` as it finishes (a rerun resumes, skipping prompts already done) and writes
 ``summary.json`` with accuracy, tokens, forward passes and throughput.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -199,12 +200,15 @@ def merge_summaries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_search_command(cfg: RecipeConfig, split: str = "test", limit: int | None = None) -> dict:
-    """``thinktree search``: search a task split with the recipe's policy and method; resumable."""
-    from thinktree.trainer.models import load_policy
-    from thinktree.trainer.outputs import prepare_output_dir
+    """``thinktree search``: search a task split with the recipe's policy and method; resumable.
 
-    out = prepare_output_dir(cfg) / "search"
-    out.mkdir(parents=True, exist_ok=True)
+    Trees go to ``<output.dir>/search/<split>/trees.jsonl`` (one store per split: a rerun resumes only its own
+    split) and the summary to ``search/<split>/summary.json``. The model, the task, the data and the prompt
+    lengths are checked before anything is written to the output directory.
+    """
+    from thinktree.trainer.models import check_prompt_lengths, load_policy
+    from thinktree.trainer.outputs import prepare_output_dir, write_json_atomic
+
     model, tokenizer = load_policy(
         cfg.model.policy, dtype=cfg.model.dtype, seed=cfg.seed, tiny_sizes=cfg.model.tiny_sizes
     )
@@ -212,10 +216,22 @@ def run_search_command(cfg: RecipeConfig, split: str = "test", limit: int | None
     size = cfg.task.eval_size if split == "test" else cfg.task.train_size
     rows = task.load(split, n=min(size, limit) if limit else size, seed=cfg.seed)
     prompts = make_prompts(task, rows, tokenizer, cfg.model.use_chat_template)
+    check_prompt_lengths(
+        model, tokenizer, [p.prompt for p in prompts], what=f"task {task.name} {split} split",
+        names=[f"{split} row {p.key}" for p in prompts],
+    )  # fmt: skip
+    root = Path(cfg.output.dir) / "search"
+    if (root / "trees.jsonl").exists():
+        raise ValueError(
+            f"{root / 'trees.jsonl'} was written before search stores were kept per split and its split is "
+            f"unknown: move it to {root / '<split>' / 'trees.jsonl'} or delete it"
+        )
+    out = prepare_output_dir(cfg) / "search" / split
+    out.mkdir(parents=True, exist_ok=True)
     method = cfg.search.method
     proposer = make_proposer(model, tokenizer, cfg.search, 0.0 if method == "greedy" else None)
     store = TreeStore(out / "trees.jsonl")
-    done = len(store.done_keys())
+    done = len(store.done_keys() & {p.key for p in prompts})
     if done:
         print(f"resuming: {done} of {len(prompts)} prompts already searched in {store.path}")
     bar = tqdm(total=len(prompts), initial=done, desc=f"search[{method}]", unit="tree")
@@ -234,16 +250,21 @@ def run_search_command(cfg: RecipeConfig, split: str = "test", limit: int | None
         answer_fn=task.extract_answer,
     )  # fmt: skip
     bar.close()
-    summary = summarize_store(store, wall_s=time.perf_counter() - start)
+    summary = summarize_store(store, wall_s=time.perf_counter() - start, keys={p.key for p in prompts})
     summary.update(method=method, split=split, policy=cfg.model.policy)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "backend"}, indent=None))
     return summary
 
 
-def summarize_store(store: TreeStore, wall_s: float) -> dict[str, Any]:
-    """Accuracy and token totals over every result in a tree store (including resumed ones)."""
-    summaries = [s for s in store.results() if s is not None]
+def summarize_store(store: TreeStore, wall_s: float, keys: set[int] | None = None) -> dict[str, Any]:
+    """Accuracy and token totals over the results in a tree store (including resumed ones); ``keys``: only the
+    trees of these prompts (a smaller ``--limit`` than an earlier run's), else all."""
+    summaries = [
+        r["result"]
+        for r in store.records()
+        if r.get("result") is not None and (keys is None or r["key"] in keys)
+    ]
     n = len(summaries)
     tokens = sum(s["budget"]["generated_tokens"] for s in summaries)
     correct = sum(1 for s in summaries if (s.get("reward") or 0.0) >= 0.5)

@@ -225,8 +225,8 @@ class HFStepProposer:
             cands += [(len(ids) - 1, h_m1), (len(ids), h)]
         if self.context is not None and len(ids) >= self.context:
             raise ValueError(
-                f"prefix of {len(ids)} tokens does not fit the model context ({self.context} positions): "
-                "no room to generate a step"
+                f"prompt key {traj.key!r} ({len(traj.steps)} steps, {traj.prompt[:60]!r}): prefix of {len(ids)} "
+                f"tokens does not fit the model context ({self.context} positions): no room to generate a step"
             )
         return _Prefix(ids, cands, h, h_m1)
 
