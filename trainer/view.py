@@ -387,26 +387,65 @@ def render_html(
     )
 
 
+def _notice(message: str) -> None:
+    print(f"thinktree view: notice: {message}", file=sys.stderr)
+
+
 def load_jsonl(path: str | Path) -> list[dict]:
-    """The records of a JSONL file (e.g. signals); an unparsable LAST line (a write in progress) is skipped."""
-    lines = Path(path).read_bytes().split(b"\n")
+    """The records (JSON objects) of a JSONL file, e.g. signals. Refused with one ``ValueError`` naming the file
+    and line: a directory, an unreadable file, a malformed line before the last. A truncated LAST line (no newline
+    after it: a write in progress or a killed one) is skipped with a notice on stderr, as is an empty file."""
+    return [record for _, record in _numbered_records(path)]
+
+
+def _numbered_records(path: str | Path) -> list[tuple[int, dict]]:
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.jsonl"))
+        hint = f" (JSONL files in it: {', '.join(inside)})" if inside else ""
+        raise ValueError(f"{path} is a directory; pass a JSONL file{hint}")
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
     out = []
     for n, raw in enumerate(lines):
         if not raw.strip():
             continue
         try:
-            out.append(json.loads(raw))
-        except ValueError:
-            if n != len(lines) - 1:
-                raise ValueError(f"{path}: line {n + 1} is not valid JSON") from None
+            record = json.loads(raw)
+        except ValueError as e:
+            if n == len(lines) - 1:  # no newline after it: cut off mid-write
+                _notice(f"{path}: line {n + 1} is incomplete ({len(raw)} bytes, no newline): skipped")
+                continue
+            raise ValueError(f"{path}: line {n + 1} is not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}: line {n + 1} is a JSON {type(record).__name__}, not a record (an object)"
+            )
+        out.append((n + 1, record))
+    if not out:
+        _notice(
+            f"{path} holds no records ({'an empty file' if not data.strip() else 'only an incomplete line'})"
+        )
     return out
 
 
 def load_trees(path: str | Path) -> tuple[list[Tree], list[dict | None]]:
-    """Trees and result summaries of a ``TreeStore`` file (or of bare ``Tree.to_dict`` lines), read-only."""
-    records = load_jsonl(path)
-    trees = [Tree.from_dict(r["tree"] if "tree" in r else r) for r in records]
-    return trees, [r.get("result") if "tree" in r else None for r in records]
+    """Trees and result summaries of a ``TreeStore`` file (or of bare ``Tree.to_dict`` lines), read-only.
+
+    A line that is JSON but not a tree is refused with one ``ValueError`` naming the file and line."""
+    trees, results = [], []
+    for n, r in _numbered_records(path):
+        try:
+            trees.append(Tree.from_dict(r["tree"] if "tree" in r else r))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(
+                f"{path}: line {n} is not a search tree ({type(e).__name__}: {e}); "
+                "expected a TreeStore line ({key, tree, result}) or a Tree.to_dict record"
+            ) from None
+        results.append(r.get("result") if "tree" in r else None)
+    return trees, results
 
 
 def _parser() -> argparse.ArgumentParser:
