@@ -32,8 +32,16 @@ What is enforced, and how (root = the caller runs as uid 0, the case in tests an
   ``N * max_procs`` processes. Not root: an unprivileged user namespace is entered instead (uid 0 inside, our
   own uid outside); after setting up the mounts every capability is dropped (bounding set, ambient set,
   ``capset`` to zero, securebits NOROOT|NO_SETUID_FIXUP locked) so the code cannot undo the mounts.
+* **Memory of the sandbox as a whole** (``memory_mb``, every process of it together; ``run_code``'s
+  ``memory_cap``). Where a memory cgroup can be made (root with cgroup v1's memory hierarchy, or cgroup v2 with the
+  memory controller available below our cgroup or below ``THINKTREE_SANDBOX_CGROUP``): each run gets its own
+  cgroup, limited to ``memory_mb + disk_mb`` (the tmpfs /tmp is memory too), swap off; the launcher is moved into
+  it before it forks, so every sandbox process is inside; the kernel OOM-kills past the limit (the verdict says
+  "memory limit exceeded"); the cgroup is removed after the run. Elsewhere, rlimits alone: RLIMIT_NPROC at most
+  ``RLIMIT_MAX_PROCS`` (4) processes and threads, each with RLIMIT_AS ``memory_mb / 4``, so that all of them
+  together stay within ``memory_mb`` (fewer threads are possible there). ``SandboxResult.memory_cap`` says which.
 * **Resources** (per process): RLIMIT_CPU (``cpu_s``, SIGXCPU then SIGKILL one second later), RLIMIT_AS
-  (``memory_mb``), RLIMIT_FSIZE (``max_file_bytes``), RLIMIT_NPROC (``max_procs``; counts threads too),
+  (``memory_mb``; with the rlimit memory cap its share, above), RLIMIT_FSIZE (``max_file_bytes``), RLIMIT_NPROC (``max_procs``; counts threads too),
   RLIMIT_NOFILE (``max_open_files``), RLIMIT_CORE=0, RLIMIT_MEMLOCK=0, RLIMIT_MSGQUEUE=0; hard limits equal
   the soft ones (except CPU), so the code cannot raise them. The private /tmp is a size-limited tmpfs
   (``disk_mb``, 4096 inodes).
@@ -72,8 +80,9 @@ What this sandbox does NOT protect against (it is not a VM):
   a short deny-list), so a kernel exploit escapes it;
 * reading world-readable files: the filesystem is visible read-only (/etc, /usr, the project checkout,
   world-readable data, the interpreter's site-packages, /sys); only ``hide_paths`` are covered;
-* total memory: RLIMIT_AS is per process, so ``max_procs`` processes can use up to ``max_procs * memory_mb``
-  plus ``disk_mb`` of tmpfs (no cgroup is used); pick ``max_procs`` accordingly;
+* memory beyond the cap's accounting: with the rlimit cap, RLIMIT_AS bounds address space per process, and the
+  ``disk_mb`` tmpfs and kernel memory (page tables, pipes, sockets) come on top; a non-root caller in fallback mode
+  (no namespaces) gets RLIMIT_NPROC headroom for its own processes, so there only each process is bounded;
 * CPU and memory side channels (Spectre-class, cache timing), timing of the host, fair scheduling: the code
   competes for the CPUs it runs on (RLIMIT_CPU bounds each process's CPU time only);
 * exhaustion of kernel objects not covered by rlimits (e.g. inodes of pipes, epoll instances within
@@ -87,7 +96,7 @@ What this sandbox does NOT protect against (it is not a VM):
   surface, disabled on some distributions; then the sandbox refuses or falls back).
 
 Modules: :mod:`.result` (the verdict and the errors), :mod:`.runner` (the caller side of one run:
-:func:`run_code`), :mod:`.pool` (parallel runs), :mod:`.uids` (sandbox uid slots), :mod:`.launcher` (the
+:func:`run_code`), :mod:`.cgroup` (the per-run memory cgroup), :mod:`.pool` (parallel runs), :mod:`.uids` (sandbox uid slots), :mod:`.launcher` (the
 ``L``, ``I`` and ``U`` processes) and :mod:`.kernel` (namespaces, mounts, capabilities, seccomp).
 ``launcher`` and ``kernel`` are all the launcher process loads (standard library only, imported by the
 bootstrap under a private package name): they must import nothing else from this package.

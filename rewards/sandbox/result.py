@@ -30,6 +30,7 @@ class SandboxResult:
     wall_s: float
     truncated: bool = False  # stdout or stderr was longer than max_output_bytes
     isolation: str = "namespaces"  # "namespaces" or "fallback" (rlimits/uid only, see module docstring)
+    memory_cap: str = "rlimit"  # "cgroup" (one limit for the whole sandbox) or "rlimit" (see run_code)
 
 
 class _NamespaceError(Exception):

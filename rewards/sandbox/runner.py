@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import launcher
+from .cgroup import MemoryCgroup, create_memory_cgroup
 from .kernel import WORKDIR
 from .result import (
     SandboxError,
@@ -42,6 +43,10 @@ _BOOTSTRAP = (
     "_launcher_main()\n"
 )
 _NS_UNAVAILABLE: dict[bool, str] = {}  # is_root -> why namespaces could not be created (cached per process)
+MEMORY_CAPS = ("auto", "cgroup", "rlimit")
+RLIMIT_MAX_PROCS = 4
+"""Without a memory cgroup the sandbox gets at most this many processes (and threads): RLIMIT_NPROC, and each
+process ``memory_mb / procs`` of address space, so all of them together stay within ``memory_mb``."""
 
 
 def run_code(
@@ -59,16 +64,25 @@ def run_code(
     hide_paths: Sequence[str] = DEFAULT_HIDE_PATHS,
     allow_network_fallback: bool = False,
     uid_base: int | None = None,
+    memory_cap: str = "auto",
 ) -> SandboxResult:
     """Run ``code`` (a Python program) in the sandbox and return the verdict (see the module docstring).
 
-    ``timeout_s``: wall clock for the whole run (start-up included); ``cpu_s``, ``memory_mb`` (address
-    space), ``max_file_bytes``, ``max_procs`` (processes + threads), ``max_open_files``: per-process rlimits;
+    ``timeout_s``: wall clock for the whole run (start-up included); ``memory_mb``: the memory of the sandbox as
+    a whole, every process of it together (see ``memory_cap``); ``cpu_s``, ``max_file_bytes``, ``max_procs``
+    (processes + threads), ``max_open_files``: per-process rlimits;
     ``max_output_bytes``: kept of stdout and of stderr each; ``disk_mb``: size of the private /tmp.
     ``python``: interpreter for the code (default: the base interpreter of this one), always run with
     ``-I -S`` (standard library only). ``hide_paths``: dirs covered by an empty tmpfs. ``uid_base``: first
     sandbox uid (root only). ``allow_network_fallback``: run with rlimits only where namespaces are
     unavailable instead of raising :class:`SandboxUnavailableError`.
+
+    ``memory_cap``: how ``memory_mb`` is enforced. ``"cgroup"``: a memory cgroup per run limited to ``memory_mb +
+    disk_mb`` (the private /tmp is memory too), swap off, plus RLIMIT_AS ``memory_mb`` per process (a single
+    process gets a clean ``MemoryError``); :class:`SandboxUnavailableError` where no cgroup can be made.
+    ``"rlimit"``: at most ``min(max_procs, RLIMIT_MAX_PROCS)`` processes and threads, each ``memory_mb`` divided by
+    that number of address space. ``"auto"`` (default): the cgroup where one can be made, else the rlimits.
+    ``SandboxResult.memory_cap`` says which one held the run.
 
     Raises :class:`SandboxError` if the sandbox itself fails; anything the code does is a verdict.
     """
@@ -79,6 +93,8 @@ def run_code(
         raise ValueError(f"code is {len(code_bytes)} bytes; the limit is {MAX_CODE_BYTES}")
     if timeout_s <= 0 or cpu_s <= 0 or memory_mb <= 0 or max_procs <= 0 or max_output_bytes < 0:
         raise ValueError("timeout_s, cpu_s, memory_mb and max_procs must be positive")
+    if memory_cap not in MEMORY_CAPS:
+        raise ValueError(f"memory_cap must be one of {MEMORY_CAPS}, got {memory_cap!r}")
     limits = {
         "cpu_s": int(cpu_s),
         "memory_bytes": int(memory_mb) << 20,
@@ -93,15 +109,34 @@ def run_code(
         raise SandboxUnavailableError(_unavailable_msg(fallback_reason))
     while True:
         mode = ("root" if root else "userns") if fallback_reason is None else "none"
+        group, run_limits = _memory_cap(memory_cap, limits, memory_mb, disk_mb)
         try:
             return _run_once(
-                code, mode, py, limits, timeout_s, max_output_bytes, disk_mb, hide_paths, uid_base
+                code, mode, py, run_limits, timeout_s, max_output_bytes, disk_mb, hide_paths, uid_base, group
             )
         except _NamespaceError as exc:
             _NS_UNAVAILABLE[root] = str(exc)
             if not allow_network_fallback:
                 raise SandboxUnavailableError(_unavailable_msg(str(exc))) from None
             fallback_reason = str(exc)
+
+
+def _memory_cap(
+    memory_cap: str, limits: dict[str, int], memory_mb: int, disk_mb: int
+) -> tuple[MemoryCgroup | None, dict[str, int]]:
+    """The run's memory cgroup (None: rlimits alone) and its rlimits (see ``run_code``'s ``memory_cap``)."""
+    group = None
+    if memory_cap != "rlimit":
+        group = create_memory_cgroup((int(memory_mb) + int(disk_mb)) << 20)
+        if group is None and memory_cap == "cgroup":
+            raise SandboxUnavailableError(
+                "memory_cap='cgroup': no memory cgroup can be created here (cgroup v2 with the memory controller "
+                "delegated, or cgroup v1's memory hierarchy, writable; see THINKTREE_SANDBOX_CGROUP)"
+            )
+    if group is not None:
+        return group, limits
+    procs = min(limits["max_procs"], RLIMIT_MAX_PROCS)  # rlimits alone: fewer processes, each a share
+    return None, {**limits, "max_procs": procs, "memory_bytes": (int(memory_mb) << 20) // procs}
 
 
 def _unavailable_msg(reason: str) -> str:
@@ -158,6 +193,7 @@ class _Resources:
     status_r: int = -1
     status_w: int = -1
     proc: subprocess.Popen[bytes] | None = None  # the launcher
+    cgroup: MemoryCgroup | None = None  # the run's memory cgroup (removed once the run is over)
 
     def release(self) -> None:
         proc = self.proc
@@ -174,6 +210,8 @@ class _Resources:
             os.close(self.lock_fd)
         if self.host_workdir is not None:
             _rmtree(self.host_workdir)
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
 
 def _run_once(
@@ -186,11 +224,12 @@ def _run_once(
     disk_mb: int,
     hide_paths: Sequence[str],
     uid_base: int | None,
+    group: MemoryCgroup | None,
 ) -> SandboxResult:
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     root = mode in ("root", "none") and os.geteuid() == 0
-    res = _Resources()
+    res = _Resources(cgroup=group)
     try:
         uid, gid, python = _claim_identity(res, mode, root, python, uid_base, deadline)
         cfg = _launcher_config(
@@ -201,9 +240,16 @@ def _run_once(
         _finish(proc, kill_group=mode == "none")
         if root and (timed_out or mode == "none"):
             _kill_uid(uid)
+        oom = group is not None and group.oom_killed()
     finally:
         res.release()
-    return _verdict(bufs, totals, timed_out, timeout_s, time.monotonic() - t0, max_output_bytes, mode)
+    result = _verdict(bufs, totals, timed_out, timeout_s, time.monotonic() - t0, max_output_bytes, mode)
+    result.memory_cap = "rlimit" if group is None else "cgroup"
+    if oom and not result.ok and result.killed_by_signal is not None:
+        result.error = (
+            f"memory limit exceeded: the sandbox's {group.limit_bytes >> 20} MiB (killed by the kernel)"
+        )
+    return result
 
 
 def _claim_identity(
@@ -273,6 +319,13 @@ def _spawn(res: _Resources, python: str, cfg: dict) -> subprocess.Popen[bytes]:
     )
     os.close(res.status_w)
     res.status_w = -1
+    if res.cgroup is not None:  # the launcher waits for its config: it has forked nothing yet
+        try:
+            res.cgroup.add(proc.pid)
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot move the sandbox into its memory cgroup {res.cgroup.path}: {exc}"
+            ) from exc
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
         proc.stdin.write(marshal.dumps(cfg))
