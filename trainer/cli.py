@@ -19,6 +19,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from thinktree.trainer.config import ConfigError, load_config
@@ -101,6 +102,8 @@ def _dispatch(argv: list[str]) -> int:
         return prm_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
     cfg = load_config(args.config, overrides)
+    if args.command in ("search", "eval"):  # data notices (e.g. how a single data file was split) are INFO
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "train":
         from thinktree.trainer.rounds import run_train
 
