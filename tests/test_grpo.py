@@ -93,6 +93,10 @@ def test_step_plan_and_shard():
     seven = step_plan(10, 4, 2, seed=3, max_steps=7)
     assert len(seven) == 7 and seven[:6] == plan and sorted(set(seven[6])) == sorted(seven[6])
     assert shard([5, 6, 7, 8], rank=1, world=2, grad_accum=2) == [[6], [8]]
+    # groups (tree keys): the trees are shuffled, a tree's records stay together: each step is one whole tree here
+    grouped = step_plan(6, 2, 1, seed=0, groups=["a", "b", "a", "b", "c", "c"])
+    assert sorted(map(sorted, grouped)) == [[0, 2], [1, 3], [4, 5]]
+    assert step_plan(10, 4, 2, seed=3, groups=list(range(10))) == plan  # one record per group: the plain plan
 
 
 def test_prompt_ids_agree_with_search_backend():

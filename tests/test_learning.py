@@ -232,3 +232,21 @@ def test_on_collapse_stop_ends_the_run_and_the_same_command_resumes(warm, tmp_pa
     assert "stopping (train.on_collapse=stop; the same command resumes with round 2)" in caplog.text
     again = run_train(cfg)
     assert [r["round"] for r in again["rounds"]] == [0, 1, 2]
+
+
+def test_engine_warm_start_continues_into_the_rounds(tmp_path):
+    """warm_start.algo=engine: 20 likelihood steps on 40 worked solutions, then round 1's 3 RFT steps on the same
+    optimiser; warmup_stable_decay is flat through the warm start and decays over the rounds' steps only."""
+    cfg = load_config(None, TINY + [
+        "rounds.num_rounds=1", "rounds.warm_start.algo=engine", "rounds.warm_start.steps=20",
+        "rounds.warm_start.examples=40", "rounds.warm_start.learning_rate=2e-3", "train.warmup_steps=0",
+        "train.lr_scheduler_type=warmup_stable_decay", f"output.dir={tmp_path}",
+    ])  # fmt: skip
+    summary = run_train(cfg)
+    assert summary["warm_start"]["examples"] == 40
+    assert summary["rounds"][1]["optimizer_steps"] == 23
+    lrs = [json.loads(line)["train/learning_rate"]
+           for line in (tmp_path / "round-01" / "train_metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    # 23 steps, decay over the last 3 (cosine): the round's peak 1e-3 at its first step, then 1e-3·(1+cos(π/3))/2 …
+    assert lrs == pytest.approx([1e-3, 1e-3 * 0.75, 1e-3 * 0.25])
+    assert not (tmp_path / "warm_start" / "trainer").exists()  # superseded by round 1's training state

@@ -156,7 +156,8 @@ class TrainConfig:
     norm_adv: bool = True
     """PPO: whiten the GAE advantages over the round's trained tokens."""
     lr_scheduler_type: str = "constant"
-    """transformers LR scheduler name (constant, constant_with_warmup, linear, cosine)."""
+    """transformers LR scheduler name (constant, constant_with_warmup, linear, cosine, warmup_stable_decay); one
+    schedule spans the run (an engine warm start, then rounds × steps); warmup_stable_decay decays over the rounds."""
     warmup_steps: int = 0
     """LR warm-up steps."""
     mixed_precision: str = "auto"
@@ -198,7 +199,11 @@ class TrainConfig:
 @dataclass
 class WarmStartConfig:
     algo: str = "none"
-    """Warm start before the rounds: sft (on the task's worked solutions) or none."""
+    """Warm start before the rounds: sft (TRL's SFTTrainer on the task's worked solutions), engine (the same
+    likelihood on the run's training engine, whose optimiser state and LR schedule then continue into the rounds), or
+    none."""
+    examples: int | None = None
+    """Worked solutions used (the first N train rows; the rounds then search the other rows); null = all."""
     steps: int = 300
     """Optimiser steps of the warm start."""
     learning_rate: float = 1e-3

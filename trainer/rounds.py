@@ -144,10 +144,16 @@ def _check_recipe(cfg: RecipeConfig) -> None:
         "step_beam",
     ):
         raise ConfigError(f"search.method={cfg.search.method!r} cannot generate a round's training trees")
-    if cfg.rounds.warm_start.algo not in ("none", "sft"):
+    if cfg.rounds.warm_start.algo not in ("none", "sft", "engine"):
         raise ConfigError(
-            f"rounds.warm_start.algo must be 'none' or 'sft', got {cfg.rounds.warm_start.algo!r}"
+            f"rounds.warm_start.algo must be 'none', 'sft' or 'engine', got {cfg.rounds.warm_start.algo!r}"
         )
+    if (
+        cfg.rounds.warm_start.algo == "engine"
+        and cfg.rounds.num_rounds > 0
+        and cfg.train.algo not in ENGINE_ALGOS
+    ):
+        raise ConfigError(f"rounds.warm_start.algo=engine needs train.algo in {ENGINE_ALGOS}")
     if cfg.eval.on_forgetting not in ("warn", "stop"):
         raise ConfigError(f"eval.on_forgetting must be 'warn' or 'stop', got {cfg.eval.on_forgetting!r}")
     if cfg.rounds.num_rounds < 0:
@@ -181,24 +187,57 @@ def _sft_settings(cfg: RecipeConfig, *, warm: bool) -> SFTSettings:
 
 
 def warm_start(run: Run, rows, prompts) -> dict:
-    """SFT on the task's worked solutions (the prompts formatted exactly as the search formats them)."""
+    """Likelihood on the task's worked solutions (the prompts formatted exactly as the search formats them):
+    TRL's ``SFTTrainer`` (``algo: sft``) or the run's own engine (``algo: engine``; see :func:`_engine_warm_start`)."""
     if "solution" not in rows.column_names:
         raise ConfigError(f"task {run.task.name!r} has no worked solutions for an SFT warm start")
-    start = time.perf_counter()
-    data = Dataset.from_list(
-        [{"prompt": p.prompt, "completion": s} for p, s in zip(prompts, rows["solution"])]
-    )
-    metrics = train_sft(run.model, run.tokenizer, data, _sft_settings(run.cfg, warm=True), run.out / "ws")
+    start, w = time.perf_counter(), run.cfg.rounds.warm_start
+    n = len(prompts) if w.examples is None else min(w.examples, len(prompts))
+    prompts, solutions = prompts[:n], list(rows["solution"])[:n]
+    if w.algo == "engine":
+        loss = _engine_warm_start(run, prompts, solutions)
+    else:
+        data = Dataset.from_list([{"prompt": p.prompt, "completion": s} for p, s in zip(prompts, solutions)])
+        loss = train_sft(
+            run.model, run.tokenizer, data, _sft_settings(run.cfg, warm=True), run.out / "ws"
+        ).get("train_loss")
     ckpt = run.save(run.out / "warm_start" / "checkpoint")
-    return {
-        "checkpoint": ckpt,
-        "train_loss": metrics.get("train_loss"),
-        "time_s": time.perf_counter() - start,
-    }
+    return {"checkpoint": ckpt, "train_loss": loss, "examples": n, "time_s": time.perf_counter() - start}
+
+
+def solution_records(tokenizer, prompts: list, solutions: list[str]) -> list[dict]:
+    """Worked solutions as engine records: the solution's tokens plus EOS, every token trained with weight 1."""
+    eos = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    out = []
+    for p, text in zip(prompts, solutions):
+        ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]] + eos
+        out.append({"prompt": p.prompt, "key": p.key, "completion_ids": ids, "advantages": [1.0] * len(ids),
+                    "old_logprobs": [0.0] * len(ids), "loss_mask": [1] * len(ids)})  # fmt: skip
+    return out
+
+
+def _engine_warm_start(run: Run, prompts: list, solutions: list[str]) -> float | None:
+    """``warm_start.steps`` likelihood steps on the run's engine at ``warm_start.learning_rate`` (resumable in
+    ``warm_start/trainer/``); the engine, its AdamW moments and its LR schedule then carry into round 1."""
+    w = run.cfg.rounds.warm_start
+    engine = _engine(run, run.out / "round-01")
+    engine.set_peak_lr(w.learning_rate)
+    algo = RFT(engine, seed=run.cfg.seed)
+    algo.cfg = dataclasses.replace(run.cfg.train, steps=w.steps, per_device_batch_size=w.per_device_batch_size,
+                                   grad_accum=1, num_iterations=1, kl_coef=0.0)  # fmt: skip
+    records = solution_records(run.tokenizer, prompts, solutions)
+    history = algo.train(records, checkpoint_dir=run.out / "warm_start" / "trainer")
+    if engine.ref_model is not None:  # the KL reference is the warm-started policy, as with a TRL warm start
+        engine.ref_model.load_state_dict(engine.policy.state_dict())
+    return history[-1].get("train/nll") if history else None
 
 
 def _round_prompts(cfg: RecipeConfig, train_prompts: list, r: int) -> list:
-    """A fresh slice of train prompts for round ``r`` (cycling through the train split), keys 0..n-1."""
+    """A fresh slice of train prompts for round ``r`` (cycling through the train split, past the warm start's
+    ``warm_start.examples`` when set), keys 0..n-1."""
+    w = cfg.rounds.warm_start
+    if w.algo != "none" and w.examples is not None and w.examples < len(train_prompts):
+        train_prompts = train_prompts[w.examples :]
     n = min(cfg.rounds.prompts_per_round, len(train_prompts))
     start = ((r - 1) * n) % max(1, len(train_prompts))
     picked = [train_prompts[(start + i) % len(train_prompts)] for i in range(n)]
@@ -288,8 +327,12 @@ def _compile(run: Run, trees: list) -> list[dict]:
 
 
 def _horizon(cfg: RecipeConfig) -> int | None:
-    """Optimiser steps of the whole run (the LR schedule's length); None when ``train.steps`` is 0 (one pass)."""
-    return cfg.train.steps * cfg.rounds.num_rounds if cfg.train.steps > 0 else None
+    """Optimiser steps of the whole run (the LR schedule's length: an engine warm start's steps plus
+    ``rounds.num_rounds × train.steps``); None when ``train.steps`` is 0 (one pass a round, length unknown)."""
+    if cfg.train.steps <= 0:
+        return None
+    warm = cfg.rounds.warm_start.steps if cfg.rounds.warm_start.algo == "engine" else 0
+    return warm + cfg.train.steps * cfg.rounds.num_rounds
 
 
 def _engine(run: Run, rdir: Path) -> Engine:
@@ -298,9 +341,13 @@ def _engine(run: Run, rdir: Path) -> Engine:
     if run.engine is not None:
         return run.engine
     algo = TRAINERS[run.cfg.train.algo]
+    rounds_steps = (
+        run.cfg.train.steps * run.cfg.rounds.num_rounds or None
+    )  # warmup_stable_decay: decay over them
     run.engine = Engine(run.model, run.tokenizer, run.cfg.train, value_head=algo.value_head,
-                        num_training_steps=_horizon(run.cfg))  # fmt: skip
-    done = sorted(p for p in run.out.glob("round-*/trainer") if p.parent.name < rdir.name)
+                        num_training_steps=_horizon(run.cfg), num_decay_steps=rounds_steps)  # fmt: skip
+    done = [run.out / "warm_start" / "trainer"]
+    done += sorted(p for p in run.out.glob("round-*/trainer") if p.parent.name < rdir.name)
     ckpt = next((c for c in map(latest_checkpoint, reversed(done)) if c is not None), None)
     if ckpt is not None:
         load_checkpoint(run.engine, ckpt)
@@ -318,8 +365,8 @@ def _engine(run: Run, rdir: Path) -> Engine:
 def _prune_training_state(run: Run, rdir: Path) -> None:
     """Keep only the newest round's training checkpoints (earlier rounds' state is superseded)."""
     if run.topo.is_main:
-        for old in run.out.glob("round-*/trainer"):
-            if old.parent.name < rdir.name:
+        for old in [run.out / "warm_start" / "trainer", *run.out.glob("round-*/trainer")]:
+            if old.parent.name < rdir.name or old.parent.name == "warm_start":
                 shutil.rmtree(old, ignore_errors=True)
     run.topo.barrier()
 
@@ -344,6 +391,7 @@ def _train_engine(run: Run, trees: list, rdir: Path) -> dict:
     if t.control == "zero_update":
         return {"control": "zero_update"}
     engine = _engine(run, rdir)
+    engine.set_peak_lr(t.learning_rate)
     history = TRAINERS[t.algo](engine, seed=run.cfg.seed * 1000 + int(rdir.name[-2:])).train(
         records, checkpoint_dir=rdir / "trainer"
     )
@@ -450,7 +498,7 @@ def run_train(cfg: RecipeConfig) -> dict:
     eval_rows = run.task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
     eval_prompts = make_prompts(run.task, eval_rows, tokenizer, cfg.model.use_chat_template)
 
-    if cfg.rounds.warm_start.algo == "sft" and not stages.get("warm_start"):
+    if cfg.rounds.warm_start.algo != "none" and not stages.get("warm_start"):
         stages.finish("warm_start", warm_start(run, train_rows, train_prompts))
     for r in range(cfg.rounds.num_rounds + 1):
         rdir = out / f"round-{r:02d}"

@@ -193,12 +193,20 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def step_plan(
-    n: int, global_batch: int, num_iterations: int, seed: int, max_steps: int | None = None
+    n: int,
+    global_batch: int,
+    num_iterations: int,
+    seed: int,
+    max_steps: int | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> list[list[int]]:
     """Record indices of each optimiser step: seeded passes of ``global_batch``-sized chunks.
 
     ``max_steps=None``: ``num_iterations`` passes. ``max_steps=k``: exactly ``k`` steps, cut from as many seeded
     passes as that takes (``train.steps`` is a count, not an upper bound: 30 steps over 3 chunks is 10 passes).
+    ``groups`` (one label per record, e.g. its tree key): each pass shuffles the groups, not the records, and keeps a
+    group's records next to each other, so one step holds whole trees (tree packing computes their shared prefixes
+    once) instead of a few paths of many trees.
     """
     if n <= 0 or global_batch <= 0 or num_iterations <= 0:
         raise ValueError(
@@ -206,12 +214,14 @@ def step_plan(
         )
     gen = torch.Generator().manual_seed(int(seed))
     chunks = math.ceil(n / global_batch)
-    passes = (
-        num_iterations if max_steps is None else max(num_iterations, math.ceil(max(0, max_steps) / chunks))
-    )
+    passes = num_iterations if max_steps is None else max(num_iterations, math.ceil(max(0, max_steps) / chunks))
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups if groups is not None else range(n)):
+        members.setdefault(g, []).append(i)
+    labels = list(members)
     plan: list[list[int]] = []
     for _ in range(passes):
-        perm = torch.randperm(n, generator=gen).tolist()
+        perm = [i for g in torch.randperm(len(labels), generator=gen).tolist() for i in members[labels[g]]]
         order = (perm * math.ceil(chunks * global_batch / n))[: chunks * global_batch]
         plan.extend(order[i * global_batch : (i + 1) * global_batch] for i in range(chunks))
     return plan if max_steps is None else plan[: max(0, max_steps)]

@@ -231,6 +231,7 @@ class Engine:
         accelerator: Accelerator | None = None,
         optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         num_training_steps: int | None = None,
+        num_decay_steps: int | None = None,
     ) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.accelerator = accelerator or make_accelerator(cfg)
@@ -253,12 +254,25 @@ class Engine:
         self.scheduler = get_scheduler(
             cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
             num_training_steps=num_training_steps or max(cfg.steps, 1),
+            scheduler_specific_kwargs=(
+                {"num_decay_steps": num_decay_steps or max(cfg.steps, 1)}
+                if cfg.lr_scheduler_type == "warmup_stable_decay" else None
+            ),
         )  # fmt: skip
         self.model, self.optimizer = self.accelerator.prepare(wrapper, opt)
         self.raw_optimizer = opt
         self.optimizer_steps = 0
         self.skipped_steps = 0
         self.on_step_end: list[StepCallback] = []
+
+    def set_peak_lr(self, lr: float) -> None:
+        """Make ``lr`` the schedule's peak rate from now on (a warm start and the rounds share one schedule and one
+        optimiser, each phase at its own peak); the current step's rate is rescaled at once."""
+        sched = self.scheduler  # transformers' schedules are LambdaLR: rate = base rate x lambda(step)
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        for group, fn in zip(self.raw_optimizer.param_groups, sched.lr_lambdas):
+            group["lr"], group["initial_lr"] = lr * fn(sched.last_epoch), lr
+        sched._last_lr = [g["lr"] for g in self.raw_optimizer.param_groups]
 
     # ------------------------------------------------------------------------------------------------ accessors
     @property

@@ -189,8 +189,9 @@ class GRPO:
         """Record indices of every optimiser step of this round (deterministic in ``seed``)."""
         c, e = self.cfg, self.engine
         global_batch = c.per_device_batch_size * c.grad_accum * e.world_size
+        groups = [r.get("key") for r in records] if c.pack_tokens > 0 else None  # whole trees per step
         return step_plan(
-            len(records), global_batch, c.num_iterations, self.seed, c.steps if c.steps > 0 else None
+            len(records), global_batch, c.num_iterations, self.seed, c.steps if c.steps > 0 else None, groups
         )
 
     def step(
