@@ -225,7 +225,9 @@ def test_decaying_schedule_needs_a_step_count(tmp_path):
 
 def test_on_collapse_stop_ends_the_run_and_the_same_command_resumes(warm, tmp_path, caplog):
     # an entropy floor no policy meets: round 1 "cannot teach"
-    cfg = load_config(None, warm + ["train.on_collapse=stop", "train.entropy_floor=100", f"output.dir={tmp_path}"])
+    cfg = load_config(
+        None, warm + ["train.on_collapse=stop", "train.entropy_floor=100", f"output.dir={tmp_path}"]
+    )
     first = run_train(cfg)
     assert [r["round"] for r in first["rounds"]] == [0, 1]
     assert "train.entropy_floor=100" in first["rounds"][1]["collapse"][0]

@@ -214,7 +214,9 @@ def step_plan(
         )
     gen = torch.Generator().manual_seed(int(seed))
     chunks = math.ceil(n / global_batch)
-    passes = num_iterations if max_steps is None else max(num_iterations, math.ceil(max(0, max_steps) / chunks))
+    passes = (
+        num_iterations if max_steps is None else max(num_iterations, math.ceil(max(0, max_steps) / chunks))
+    )
     members: dict[Any, list[int]] = {}
     for i, g in enumerate(groups if groups is not None else range(n)):
         members.setdefault(g, []).append(i)
