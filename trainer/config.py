@@ -88,7 +88,7 @@ class SearchConfig(MCTSConfig):
     """The search method and its model backend; the MCTS fields are inherited from ``MCTSConfig``."""
 
     method: str = "mcts"
-    """Search method: mcts, greedy, best_of_n, step_beam."""
+    """Search method: mcts, gumbel (Gumbel MuZero), greedy, self_consistency, best_of_n, weighted_bon, step_beam."""
     step_delimiter: str = "\n"
     """Text that ends a reasoning step."""
     max_step_tokens: int = 48
