@@ -213,20 +213,25 @@ class GRPO:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
     ) -> list[dict[str, float]]:
-        """Train on one round's records; resumes from the newest checkpoint in ``checkpoint_dir`` if there is one."""
+        """Train on one round's records; resumes from the newest checkpoint in ``checkpoint_dir`` if there is one.
+
+        Returns every optimiser step's metrics of the round, those before a resume included (each checkpoint's
+        ``data_state`` carries the history so far): a stage resumed after its last step returns the full history.
+        """
         records = list(records)
         if not records:
             return []
         plan, fingerprint, start, extra = self.plan(records), _fingerprint(records), 0, None
+        history: list[dict[str, float]] = []
         ckpt = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
         if ckpt is not None:
             state = load_checkpoint(self.engine, ckpt)
             if state.get("fingerprint") != fingerprint:
                 raise ValueError(f"{ckpt} was written for other records; use a fresh checkpoint_dir")
             start, extra = int(state["step"]), state["extra"]
+            history = [dict(m) for m in state.get("history", [])]
         if extra is None:
             extra = self.precompute(records)
-        history: list[dict[str, float]] = []
         bar = tqdm(
             total=len(plan),
             initial=start,
@@ -240,7 +245,7 @@ class GRPO:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4g}")
             if checkpoint_dir is not None and self._save_now(s + 1, len(plan)):
-                data = {"step": s + 1, "extra": extra, "fingerprint": fingerprint}
+                data = {"step": s + 1, "extra": extra, "fingerprint": fingerprint, "history": history}
                 save_checkpoint(
                     self.engine,
                     checkpoint_dir,
