@@ -50,6 +50,11 @@ def train(out: Path, overrides: list[str], log: Path) -> dict[str, Any]:
     return summary
 
 
+def run_checkpoint(run: Path, checkpoint: str) -> str:
+    """A summary's ``checkpoint`` entry as a path: relative to the run dir (absolute in runs written before)."""
+    return checkpoint if Path(checkpoint).is_absolute() else str(run / checkpoint)
+
+
 def curve(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per round: greedy held-out accuracy, the round's search tokens and the cumulative tokens."""
     rows, cum = [], 0
@@ -79,7 +84,7 @@ def run_seed(root: Path, sizes: dict[str, Any], seed: int) -> dict[str, Any]:
         base / "warm_start", [*common(sizes, seed), "rounds.num_rounds=0", "rounds.warm_start.algo=sft",
                               f"rounds.warm_start.steps={sizes['ws_steps']}"], log,
     )  # fmt: skip
-    ckpt = ws["warm_start"]["checkpoint"]
+    ckpt = run_checkpoint(base / "warm_start", ws["warm_start"]["checkpoint"])
     start = ws["rounds"][0]["eval"]["greedy"]
     out: dict[str, Any] = {"warm_start": {"accuracy": start["accuracy"], "time_s": ws["warm_start"]["time_s"],
                                           "tokens_per_prompt": start["tokens_per_prompt"], "checkpoint": ckpt}}  # fmt: skip
@@ -158,7 +163,7 @@ def run_mamba(root: Path, sizes: dict[str, Any], seed: int) -> dict[str, Any]:
         base / "warm_start", [*mamba, "rounds.num_rounds=0", "rounds.warm_start.algo=sft",
                               f"rounds.warm_start.steps={sizes['ws_steps']}"], log,
     )  # fmt: skip
-    from_ckpt = [*common(sizes, seed), f"model.policy={ws['warm_start']['checkpoint']}",
+    from_ckpt = [*common(sizes, seed), f"model.policy={run_checkpoint(base / 'warm_start', ws['warm_start']['checkpoint'])}",
                  "rounds.warm_start.algo=none", f"rounds.num_rounds={sizes['rounds']}"]  # fmt: skip
     s = train(base / "tree_grpo", [*from_ckpt, *METHODS["tree_grpo"]], log)
     return {**res, "curve": curve(s), "wall_s": s["wall_s"], "warm_start_time_s": ws["warm_start"]["time_s"]}

@@ -24,7 +24,14 @@ import yaml
 
 from thinktree.trainer.config import ConfigError, RecipeConfig, config_from_dict, config_to_dict
 
-__all__ = ["prepare_output_dir", "write_json_atomic", "config_diff", "finite_json", "dumps_finite"]
+__all__ = [
+    "check_output_dir",
+    "prepare_output_dir",
+    "write_json_atomic",
+    "config_diff",
+    "finite_json",
+    "dumps_finite",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,27 +97,37 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_output_dir(cfg: RecipeConfig) -> Path:
-    """Create ``cfg.output.dir`` and write ``config.yaml``, or check that the run already there is this recipe."""
+def check_output_dir(cfg: RecipeConfig) -> Path:
+    """Raise :class:`ConfigError` when ``cfg.output.dir`` holds a run of a different recipe; writes nothing.
+
+    Call it first, check the model, task and data, then :func:`prepare_output_dir`: a run refused by a check then
+    leaves no ``config.yaml`` behind to block its corrected rerun."""
     out = Path(cfg.output.dir)
     stored = out / "config.yaml"
-    new = config_to_dict(cfg)
     if stored.exists():
         old = yaml.safe_load(stored.read_text()) or {}
         try:  # fill fields added to the schema since that run with their defaults: a new knob is not a new recipe
             old = config_to_dict(config_from_dict(old))
         except ConfigError:
             pass  # a field was removed or retyped since: compare as stored, the diff names it
-        diff = config_diff(old, new)
+        diff = config_diff(old, config_to_dict(cfg))
         if diff:
             raise ConfigError(
                 f"output dir {out} holds a run of a different recipe; refusing to mix them "
                 f"(choose another output.dir or delete it). Differences: " + "; ".join(diff)
             )
+    return out
+
+
+def prepare_output_dir(cfg: RecipeConfig) -> Path:
+    """Create ``cfg.output.dir`` and write ``config.yaml``, or check that the run already there is this recipe."""
+    out = check_output_dir(cfg)
+    stored = out / "config.yaml"
+    if stored.exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".config.")
     with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(new, f, sort_keys=False)
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, stored)
     return out

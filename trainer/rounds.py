@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -53,8 +54,15 @@ from thinktree.trainer.config import ConfigError, RecipeConfig
 from thinktree.trainer.distributed import Topology, topology
 from thinktree.trainer.evaluate import evaluate_policy
 from thinktree.trainer.learning import collapse_report, has_step_check, process_checked, randomise_rewards
-from thinktree.trainer.models import load_policy, save_policy
-from thinktree.trainer.outputs import prepare_output_dir, write_json_atomic
+from thinktree.trainer.models import (
+    NonFiniteWeightsError,
+    check_finite_weights,
+    check_prompt_lengths,
+    load_policy,
+    remove_partials,
+    save_policy,
+)
+from thinktree.trainer.outputs import check_output_dir, dumps_finite, prepare_output_dir, write_json_atomic
 from thinktree.trainer.reporting import Reporter
 from thinktree.trainer.searching import make_outcome_fn, make_prompts, make_proposer, run_method
 from thinktree.trainer.signals import signal_counts, step_pairs, tree_advantages
@@ -63,15 +71,38 @@ from thinktree.trainer.signals.traces import rft_records, sft_traces
 log = logging.getLogger("thinktree")
 
 
+_STAGE_DIR = re.compile(r"^(warm_start|round-\d+)$")
+
+
+def relative_checkpoint(path: str) -> str:
+    """A ``checkpoint`` entry as stored: relative to the run dir. Entries written before paths were relative are
+    absolute; one that names a stage's checkpoint (``.../round-02/checkpoint``) becomes relative, so a moved or
+    copied run dir uses its own weights; any other absolute path is kept."""
+    p = Path(path)
+    if p.is_absolute() and len(p.parts) >= 2 and p.name == "checkpoint" and _STAGE_DIR.match(p.parent.name):
+        return f"{p.parent.name}/{p.name}"
+    return path
+
+
 class Stages:
-    """``stages.json``: the finished stages of a run, each with its small result record (rank 0 writes it)."""
+    """``stages.json``: the finished stages of a run, each with its small result record (rank 0 writes it).
+
+    Checkpoint paths are stored relative to the run dir (``round-02/checkpoint``) and resolved on read
+    (:meth:`resolve`), so a run dir moved or copied elsewhere resumes from its own files."""
 
     def __init__(self, out: Path, topo: Topology) -> None:
-        self.path, self.topo = out / "stages.json", topo
+        self.out, self.path, self.topo = out, out / "stages.json", topo
         self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        for record in self.done.values():
+            if isinstance(record, dict) and isinstance(record.get("checkpoint"), str):
+                record["checkpoint"] = relative_checkpoint(record["checkpoint"])
 
     def get(self, name: str) -> Any:
         return self.done.get(name)
+
+    def resolve(self, checkpoint: str) -> str:
+        """A stored checkpoint entry as a path to load (relative entries are under this run dir)."""
+        return str(checkpoint if Path(checkpoint).is_absolute() else self.out / checkpoint)
 
     def finish(self, name: str, record: Any) -> None:
         self.done[name] = record
@@ -82,7 +113,7 @@ class Stages:
     def last_checkpoint(self) -> str | None:
         for record in reversed(list(self.done.values())):
             if isinstance(record, dict) and record.get("checkpoint"):
-                return record["checkpoint"]
+                return self.resolve(record["checkpoint"])
         return None
 
 
@@ -112,12 +143,27 @@ class Run:
                 yield model
 
     def save(self, path: Path) -> str:
+        """Save the policy to ``path`` (under the run dir); returns the path relative to the run dir."""
         if self.engine is not None:
-            return str(save_model(self.engine, path, tokenizer=self.tokenizer).absolute())
-        if self.topo.is_main:
-            save_policy(self.model, self.tokenizer, path)
-        self.topo.barrier()
-        return str(path.absolute())
+            save_model(self.engine, path, tokenizer=self.tokenizer)
+        else:
+            if self.topo.is_main:
+                save_policy(self.model, self.tokenizer, path)
+            self.topo.barrier()
+        return path.relative_to(self.out).as_posix()
+
+    def check_finite(self, where: str) -> None:
+        """Fail loudly (:class:`NonFiniteWeightsError`, on every rank) when the policy's weights hold NaN or inf."""
+        try:
+            check_finite_weights(self.model, where)
+            error = None
+        except NonFiniteWeightsError as e:
+            error = str(e)
+        errors = [e for e in self.topo.gather(error) if e]
+        if errors:
+            raise NonFiniteWeightsError(
+                f"{errors[0]}; the stage is not recorded: rerun with the fix in a new output.dir"
+            )
 
 
 def weights_digest(model) -> str:
@@ -189,11 +235,9 @@ def _sft_settings(cfg: RecipeConfig, *, warm: bool) -> SFTSettings:
 def warm_start(run: Run, rows, prompts) -> dict:
     """Likelihood on the task's worked solutions (the prompts formatted exactly as the search formats them):
     TRL's ``SFTTrainer`` (``algo: sft``) or the run's own engine (``algo: engine``; see :func:`_engine_warm_start`)."""
-    if "solution" not in rows.column_names:
-        raise ConfigError(f"task {run.task.name!r} has no worked solutions for an SFT warm start")
     start, w = time.perf_counter(), run.cfg.rounds.warm_start
-    n = len(prompts) if w.examples is None else min(w.examples, len(prompts))
-    prompts, solutions = prompts[:n], list(rows["solution"])[:n]
+    prompts, solutions = _warm_examples(run, rows, prompts)
+    n = len(prompts)
     if w.algo == "engine":
         loss = _engine_warm_start(run, prompts, solutions)
     else:
@@ -201,8 +245,18 @@ def warm_start(run: Run, rows, prompts) -> dict:
         loss = train_sft(
             run.model, run.tokenizer, data, _sft_settings(run.cfg, warm=True), run.out / "ws"
         ).get("train_loss")
+    run.check_finite("after the warm start")
     ckpt = run.save(run.out / "warm_start" / "checkpoint")
     return {"checkpoint": ckpt, "train_loss": loss, "examples": n, "time_s": time.perf_counter() - start}
+
+
+def _warm_examples(run: Run, rows, prompts: list) -> tuple[list, list[str]]:
+    """The warm start's prompts and worked solutions (the first ``warm_start.examples``, else all)."""
+    if "solution" not in rows.column_names:
+        raise ConfigError(f"task {run.task.name!r} has no worked solutions for an SFT warm start")
+    w = run.cfg.rounds.warm_start
+    n = len(prompts) if w.examples is None else min(w.examples, len(prompts))
+    return prompts[:n], list(rows["solution"])[:n]
 
 
 def solution_records(tokenizer, prompts: list, solutions: list[str]) -> list[dict]:
@@ -232,12 +286,31 @@ def _engine_warm_start(run: Run, prompts: list, solutions: list[str]) -> float |
     return history[-1].get("train/nll") if history else None
 
 
+def _round_pool(cfg: RecipeConfig, train_prompts: list) -> list:
+    """The train prompts the rounds draw from: past the warm start's ``warm_start.examples`` when set."""
+    w = cfg.rounds.warm_start
+    if w.algo != "none" and w.examples is not None and w.examples < len(train_prompts):
+        return train_prompts[w.examples :]
+    return train_prompts
+
+
+def _note_round_size(cfg: RecipeConfig, train_prompts: list) -> None:
+    """Say when ``rounds.prompts_per_round`` asks for more prompts than the rounds can draw from."""
+    pool, asked = len(_round_pool(cfg, train_prompts)), cfg.rounds.prompts_per_round
+    if cfg.rounds.num_rounds > 0 and asked > pool:
+        skipped = len(train_prompts) - pool
+        where = f" past the warm start's {skipped} (rounds.warm_start.examples)" if skipped else ""
+        log.warning(
+            "rounds.prompts_per_round=%d is more than the %d train prompts%s (task.train_size=%d): "
+            "each round searches those %d, the same prompts every round", asked, pool, where,
+            cfg.task.train_size, pool,
+        )  # fmt: skip
+
+
 def _round_prompts(cfg: RecipeConfig, train_prompts: list, r: int) -> list:
     """A fresh slice of train prompts for round ``r`` (cycling through the train split, past the warm start's
     ``warm_start.examples`` when set), keys 0..n-1."""
-    w = cfg.rounds.warm_start
-    if w.algo != "none" and w.examples is not None and w.examples < len(train_prompts):
-        train_prompts = train_prompts[w.examples :]
+    train_prompts = _round_pool(cfg, train_prompts)
     n = min(cfg.rounds.prompts_per_round, len(train_prompts))
     start = ((r - 1) * n) % max(1, len(train_prompts))
     picked = [train_prompts[(start + i) % len(train_prompts)] for i in range(n)]
@@ -254,7 +327,7 @@ def search_stage(run: Run, prompts: list, rdir: Path, seed: int) -> dict:
     name = "trees.jsonl" if run.topo.world == 1 else f"trees.rank{run.topo.rank}.jsonl"
     store = TreeStore(rdir / name)
     reused = len(store.done_keys())
-    if reused:
+    if reused:  # logged, not recorded: the stage's record is the same whether or not the run was resumed
         log.info("round search: reusing %d stored trees from %s; searching the rest", reused, store.path)
     outcome_fn, start = make_outcome_fn(run.task), time.perf_counter()
     if run.cfg.search.process_check:
@@ -273,7 +346,6 @@ def search_stage(run: Run, prompts: list, rdir: Path, seed: int) -> dict:
     leaves = [t.nodes[i] for t in trees for i in t.terminal_leaves()]
     return {
         "trees": len(trees),
-        "reused_trees": sum(run.topo.gather(reused)),
         "generated_tokens": sum(s["budget"]["generated_tokens"] for s in summaries),
         "search_time_s": time.perf_counter() - start,
         "leaf_reward_mean": float(np.mean([n.reward or 0.0 for n in leaves])) if leaves else 0.0,
@@ -281,11 +353,18 @@ def search_stage(run: Run, prompts: list, rdir: Path, seed: int) -> dict:
     }
 
 
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object a line, NaN/inf as null (see :func:`dumps_finite`); written aside and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(dumps_finite(rec, str(path)) + "\n")
+    tmp.replace(path)
+
+
 def _write_signals(run: Run, rdir: Path, records: list[dict]) -> None:
     if run.topo.is_main:
-        with open(rdir / "signals.jsonl", "w") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
+        _write_jsonl(rdir / "signals.jsonl", records)
 
 
 def _train_sft(run: Run, trees: list, rdir: Path) -> dict:
@@ -356,7 +435,7 @@ def _engine(run: Run, rdir: Path) -> Engine:
             run.engine.ref_model is not None
         ):  # the frozen reference is the round-1 start, not the resumed policy
             ws = run.stages.get("warm_start")
-            ref, _ = load_policy(ws["checkpoint"] if ws else run.cfg.model.policy, dtype=run.cfg.model.dtype,
+            ref, _ = load_policy(run.stages.resolve(ws["checkpoint"]) if ws else run.cfg.model.policy, dtype=run.cfg.model.dtype,
                                  seed=run.cfg.seed, tiny_sizes=run.cfg.model.tiny_sizes)  # fmt: skip
             run.engine.ref_model.load_state_dict(ref.state_dict())
     return run.engine
@@ -395,10 +474,10 @@ def _train_engine(run: Run, trees: list, rdir: Path) -> dict:
     history = TRAINERS[t.algo](engine, seed=run.cfg.seed * 1000 + int(rdir.name[-2:])).train(
         records, checkpoint_dir=rdir / "trainer"
     )
-    if run.topo.is_main:  # every optimiser step's metrics, for TensorBoard (see Reporter.round)
-        with open(rdir / "train_metrics.jsonl", "w") as f:
-            for m in history:
-                f.write(json.dumps(m) + "\n")
+    if (
+        run.topo.is_main
+    ):  # every optimiser step's metrics (a resumed stage's too), for TensorBoard (Reporter.round)
+        _write_jsonl(rdir / "train_metrics.jsonl", history)
     _prune_training_state(run, rdir)
     reasons = collapse_report(trees, records, history, entropy_floor=t.entropy_floor, kl_ceiling=t.kl_ceiling)
     last = history[-1] if history else {}
@@ -441,7 +520,7 @@ def health_stage(run: Run, policy, eval_prompts: list, eval_rows, stages: Stages
 
     cfg = run.cfg
     ws = stages.get("warm_start")
-    ref_spec = ws["checkpoint"] if ws else cfg.model.policy
+    ref_spec = stages.resolve(ws["checkpoint"]) if ws else cfg.model.policy
     if run.reference is None:
         run.reference = health.snapshot_reference(ref_spec, seed=cfg.seed, tiny_sizes=cfg.model.tiny_sizes)
     solutions = list(eval_rows["solution"]) if "solution" in eval_rows.column_names else None
@@ -474,12 +553,34 @@ def _forgetting(run: Run, row: dict, round0: dict | None) -> bool:
 # --------------------------------------------------------------------------------------------------- the loop
 
 
+def _check_lengths(run: Run, train_rows, train_prompts: list, eval_prompts: list) -> None:
+    """Refuse prompts (and the warm start's prompt + worked solution) that do not fit the model context, naming
+    the rows (``ValueError``), before the run writes anything."""
+    model, tok, name = run.model, run.tokenizer, run.task.name
+    if run.cfg.rounds.num_rounds > 0:
+        pool = _round_pool(run.cfg, train_prompts)
+        check_prompt_lengths(model, tok, [p.prompt for p in pool], what=f"task {name} train split",
+                             names=[f"train row {p.key}" for p in pool])  # fmt: skip
+    check_prompt_lengths(model, tok, [p.prompt for p in eval_prompts], what=f"task {name} test split",
+                         names=[f"test row {p.key}" for p in eval_prompts])  # fmt: skip
+    if run.cfg.rounds.warm_start.algo != "none":
+        prompts, solutions = _warm_examples(run, train_rows, train_prompts)
+        check_prompt_lengths(  # reserve 1: the EOS the warm start appends to every solution
+            model, tok, [p.prompt + s for p, s in zip(prompts, solutions)],
+            what=f"task {name} warm start (prompt + worked solution)",
+            names=[f"train row {p.key}" for p in prompts], reserve=1,
+        )  # fmt: skip
+
+
 def run_train(cfg: RecipeConfig) -> dict:
-    """Run a recipe end to end (resumable); returns the summary written to ``summary.json``."""
+    """Run a recipe end to end (resumable); returns the summary written to ``summary.json``.
+
+    The recipe, the model, the task, the data and the prompt lengths are all checked before anything is written
+    to the output dir, so a refused run leaves nothing that would block its corrected rerun there."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _check_recipe(cfg)
     topo = topology()
-    out = prepare_output_dir(cfg)
+    out = check_output_dir(cfg)  # a different recipe's run dir: refused before reading or writing anything
     stages = Stages(out, topo)
     checkpoint = stages.last_checkpoint()
     model, tokenizer = load_policy(
@@ -489,7 +590,6 @@ def run_train(cfg: RecipeConfig) -> dict:
     run = Run(cfg, topo, out, stages, get_task(cfg.task.name, **cfg.task.kwargs), model, tokenizer)
     if cfg.search.process_check and not has_step_check(run.task):
         raise ConfigError(f"search.process_check: task {cfg.task.name!r} cannot check steps")
-    report = Reporter(out, cfg, enabled=topo.is_main)
     needs_train = cfg.rounds.num_rounds > 0 or cfg.rounds.warm_start.algo != "none"
     train_rows = run.task.load("train", n=cfg.task.train_size, seed=cfg.seed) if needs_train else None
     train_prompts = (
@@ -497,6 +597,16 @@ def run_train(cfg: RecipeConfig) -> dict:
     )
     eval_rows = run.task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
     eval_prompts = make_prompts(run.task, eval_rows, tokenizer, cfg.model.use_chat_template)
+    _check_lengths(run, train_rows, train_prompts, eval_prompts)
+    if topo.is_main:
+        _note_round_size(cfg, train_prompts)
+
+    resumed = (out / "config.yaml").exists()
+    prepare_output_dir(cfg)  # every check passed: from here on the run writes into its output dir
+    if resumed and topo.is_main:
+        remove_partials(out)  # leftovers of saves a kill interrupted
+    topo.barrier()
+    report = Reporter(out, cfg, enabled=topo.is_main)
 
     if cfg.rounds.warm_start.algo != "none" and not stages.get("warm_start"):
         stages.finish("warm_start", warm_start(run, train_rows, train_prompts))
@@ -508,6 +618,7 @@ def run_train(cfg: RecipeConfig) -> dict:
             stages.finish(f"round-{r}/search", search_stage(run, prompts, rdir, cfg.seed * 1000 + r))
         if r > 0 and stages.get(f"round-{r}/train") is None:
             record = train_stage(run, rdir)
+            run.check_finite(f"after round {r}'s training")
             if run.topo.world > 1 and not (run.engine and is_zero3(run.engine.accelerator)):
                 # replicated weights (DDP): all ranks trained one model
                 run.topo.check_same(f"the weights after round {r}", weights_digest(run.model))
