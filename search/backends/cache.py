@@ -165,8 +165,8 @@ class RecomputeAdapter:
         seqs = [list(it.ids) for it in items]
         return seqs, self._run(seqs), []
 
-    def feed(self, state: list[list[int]], tokens: list[int]) -> tuple[torch.Tensor, int]:
-        for s, t in zip(state, tokens):
+    def feed(self, state: list[list[int]], tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        for s, t in zip(state, tokens.tolist()):
             s.append(t)
         return self._run(state), sum(len(s) - 1 for s in state)
 
@@ -240,10 +240,10 @@ class KVAdapter:
         ]
         return state, logits, stored
 
-    def feed(self, state: KVState, tokens: list[int]) -> tuple[torch.Tensor, int]:
-        dev = self.call.device
+    def feed(self, state: KVState, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One token per row (a long tensor, one per row of the batch)."""
         state.mask = torch.cat([state.mask, state.mask.new_ones((state.mask.shape[0], 1))], dim=1)
-        ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
+        ids = tokens.to(self.call.device)[:, None]
         positions = state.pos[:, None]
         if self.max_pos is not None:  # only dead rows (fed padding until compaction) can run past the context
             positions = positions.clamp_max(self.max_pos)
@@ -350,12 +350,12 @@ class SSMAdapter:
         width = max(len(r) for r in rems)
         for t in range(width):  # right-aligned catch-up, one token per forward
             sub = [u for u, r in enumerate(rems) if len(r) >= width - t]
-            tokens = [rems[u][t - width + len(rems[u])] for u in sub]
+            tokens = torch.tensor([rems[u][t - width + len(rems[u])] for u in sub], dtype=torch.long)
             logits = self._feed_rows(state, sub, tokens)
         return state, logits, stored
 
-    def _feed_rows(self, state: SSMState, rows: list[int], tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.call.device)[:, None]
+    def _feed_rows(self, state: SSMState, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.to(self.call.device)[:, None]
         if len(rows) == state.conv.shape[1]:
             logits, _ = self.call(ids, cache=state.cache)
             return logits
@@ -366,7 +366,7 @@ class SSMAdapter:
         state.ssm.index_copy_(1, idx, sub.ssm)
         return logits
 
-    def feed(self, state: SSMState, tokens: list[int]) -> tuple[torch.Tensor, int]:
+    def feed(self, state: SSMState, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         return self._feed_rows(state, list(range(len(tokens))), tokens), 0
 
     def select(self, state: SSMState, index: Sequence[int]) -> SSMState:

@@ -9,10 +9,17 @@ What it does
     ``exp(mean(logprobs))``.
 
 Sampling, independent of batching
-    Row (prefix i, child c) owns a ``torch.Generator`` seeded with ``(seeds[i] * 1_000_003 + c) mod 2**63`` and
-    samples by Gumbel-max on the temperature-scaled, top-p-filtered logits with its own noise vector (temperature 0:
-    argmax). Batching, order and caching therefore change speed, never the sampled tokens (up to float round-off of
-    the logits, which can only matter at an exact near-tie).
+    Row (prefix i, child c) has the key ``(seeds[i] * 1_000_003 + c) mod 2**63``; its n-th token is drawn with the
+    uniform ``u = splitmix64(splitmix64(key) + (n + 1) * golden)`` (53 bits; a counter-based generator: no state,
+    no per-row generator object) by inverse-CDF sampling of the temperature-scaled, top-p-filtered softmax
+    (temperature 0: argmax). Every operation is row-wise, so batching, order and caching change speed, never the
+    sampled tokens (up to float round-off of the logits, which can only matter at an exact near-tie).
+
+Decode loop
+    Sampling, appending, EOS / delimiter / length checks are tensor ops over all rows (the delimiter through a
+    precomputed automaton over token strings); per step Python does one device sync (which rows ended), and each
+    finished row is turned into a StepRecord once. ``tests/test_decode_vectorised.py`` pins it token for token to
+    the per-row loop it replaced.
 
 Prefix cache (details in :mod:`.cache`)
     The model state after a token prefix is stored content-addressed (key: length + rolling hash of the ids,
@@ -48,7 +55,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,18 +81,39 @@ class _Prefix:
 
 @dataclass
 class _Row:
-    """One (prefix, child) sampling row."""
+    """One (prefix, child) sampling row; its tokens live in the batch tensors (:class:`_Batch`) until it ends."""
 
     i: int
     c: int
     prefix: _Prefix
-    gen: torch.Generator | None
-    h: int = 0
-    tail: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    eos: bool = False
-    truncated: bool = False
+    key: int
+
+
+@dataclass
+class _Batch:
+    """Per-slot decode state as tensors (one row per slot; finished slots stay until compaction).
+
+    key: sampling key; ntok: tokens sampled so far; limit: the step ends (truncated) at this many tokens
+    (``max_step_tokens`` or the room left in the context); dstate: delimiter-automaton state; alive: still
+    sampling; toks/lps: the step's tokens and their logprobs so far (``max_step_tokens`` columns).
+    """
+
+    key: torch.Tensor
+    ntok: torch.Tensor
+    limit: torch.Tensor
+    dstate: torch.Tensor
+    alive: torch.Tensor
+    toks: torch.Tensor
+    lps: torch.Tensor
+
+    def take(self, index: torch.Tensor) -> _Batch:
+        return _Batch(*(t.index_select(0, index) for t in self._all()))
+
+    def cat(self, other: _Batch) -> _Batch:
+        return _Batch(*(torch.cat([a, b]) for a, b in zip(self._all(), other._all())))
+
+    def _all(self) -> tuple[torch.Tensor, ...]:
+        return (self.key, self.ntok, self.limit, self.dstate, self.alive, self.toks, self.lps)
 
 
 class HFStepProposer:
@@ -121,6 +149,8 @@ class HFStepProposer:
         self.context = getattr(model.config, "max_position_embeddings", None)
         self._bos = self._bos_to_prepend()
         self._tok_str = self._token_strings()
+        self._eos_tab: torch.Tensor | None = None
+        self._tables(len(self._tok_str))
         self._call = ModelCall(model, self.device)
         with self._eval_mode():
             self.adapter = make_adapter(
@@ -242,9 +272,7 @@ class HFStepProposer:
         flat = [self._flatten(t) for t in prefixes]
         out: list[list[Any]] = [[None] * num_children for _ in prefixes]
         rows = [
-            _Row(i, c, flat[i], self._generator(seeds[i], c))
-            for i in range(len(flat))
-            for c in range(num_children)
+            _Row(i, c, flat[i], row_key(seeds[i], c)) for i in range(len(flat)) for c in range(num_children)
         ]
         with self._eval_mode():
             self._decode(self._groups(rows, num_children), out)
@@ -259,13 +287,6 @@ class HFStepProposer:
         children than that is split, and the later part re-feeds the prefix's last token)."""
         size = min(per_prefix, self.max_batch_size)
         return deque(rows[s : s + size] for s in range(0, len(rows), size))
-
-    def _generator(self, seed: int, child: int) -> torch.Generator | None:
-        if self.temperature == 0:
-            return None
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed((int(seed) * 1_000_003 + child) % 2**63)
-        return gen
 
     def _lookup(self, p: _Prefix) -> tuple[PrefillItem, int]:
         """Longest cached boundary (or boundary-1) strictly shorter than the prefix, and the hash of that length."""
@@ -294,7 +315,6 @@ class HFStepProposer:
             if row.i not in order:
                 order[row.i] = len(prefs)
                 prefs.append(row.prefix)
-            row.h = row.prefix.h
         items = []
         for p in prefs:
             item, h_k = self._lookup(p)
@@ -322,110 +342,170 @@ class HFStepProposer:
         return new
 
     def _decode(self, pending: deque[list[_Row]], out: list[list[Any]]) -> None:
-        """One decode loop for all rows (continuous batching). A finished row's slot goes dead (fed padding, output
-        ignored) until dead slots reach ``_DEAD_FRACTION`` of the batch or room is needed for queued groups; then
-        the batch is compacted (one copy of the K/V instead of one per finished row) and groups are merged in."""
+        """One decode loop for all rows (continuous batching), every per-token operation a tensor op over the batch:
+        sampling, appending, EOS / delimiter / length checks. Python runs once per step (one device sync: which
+        rows ended) and once per finished row. A finished row's slot goes dead (fed padding, output ignored) until
+        dead slots reach the adapter's ``dead_fraction`` of the batch or room is needed for queued groups; then the
+        batch is compacted (one copy of the K/V instead of one per finished row) and groups are merged in."""
         slots: list[_Row | None] = []
+        n_dead = 0
         state: Any = None
+        batch: _Batch | None = None
         logits = torch.empty(0)
         while pending or slots:
-            new = self._admit(pending, len(slots) - slots.count(None))
+            new = self._admit(pending, len(slots) - n_dead)
             if new:
-                state, slots, logits = self._compact(state, slots, logits)
+                if n_dead:
+                    keep = [b for b, row in enumerate(slots) if row is not None]
+                    state, slots, logits, batch = self._take(state, slots, logits, batch, keep)
+                    n_dead = 0
                 st, lg = self._prefill(new)
-                state = self.adapter.merge(state, st) if slots else st
-                logits = torch.cat([logits, lg]) if slots else lg
-                slots = slots + new
-            live = [b for b, row in enumerate(slots) if row is not None]
-            if len(live) < len(slots):
-                logits = logits.index_select(0, torch.tensor(live, device=logits.device))
-            feed = [self.pad_id] * len(slots)
-            tokens, lps = self._sample(logits, [slots[b] for b in live])
-            for b, t, lp in zip(live, tokens, lps):
-                row = slots[b]
-                if self._advance(row, t, lp):
-                    self._finish(row, state, b, out)
-                    slots[b] = None
+                nb = self._new_batch(new)
+                if slots:
+                    state, logits, batch = (
+                        self.adapter.merge(state, st),
+                        torch.cat([logits, lg]),
+                        batch.cat(nb),
+                    )
                 else:
-                    feed[b] = t
-                    row.h = roll_hash(row.h, (t,))
-                    self._seen.add(row.h)
-            dead = slots.count(None)
-            if dead == len(slots):
-                slots, state = [], None
+                    state, logits, batch = st, lg, nb
+                slots = slots + new
+            tok, lp = sample_tokens(logits, batch.key, batch.ntok, self.temperature, self.top_p)
+            ended, eos, truncated = self._step(batch, tok, lp, logits.shape[-1])
+            done = ended.nonzero().squeeze(1).tolist()  # the step's one sync
+            if done:
+                self._finish(done, slots, batch, eos, truncated, state, out)
+                for b in done:
+                    slots[b] = None
+                n_dead += len(done)
+            if n_dead == len(slots):
+                slots, state, batch, n_dead = [], None, None, 0
                 continue
-            if dead > len(slots) * self.adapter.dead_fraction:
+            feed = torch.where(batch.alive, tok, self.pad_id)
+            if n_dead > len(slots) * self.adapter.dead_fraction:
                 keep = [b for b, row in enumerate(slots) if row is not None]
-                state, slots, feed = (
-                    self.adapter.select(state, keep),
-                    [slots[b] for b in keep],
-                    [feed[b] for b in keep],
-                )
+                idx = torch.tensor(keep, device=feed.device)
+                state, slots, _, batch = self._take(state, slots, None, batch, keep)
+                feed, n_dead = feed.index_select(0, idx), 0
             logits, reencoded = self.adapter.feed(state, feed)
             self.stats["reencoded_tokens"] += reencoded
 
-    def _compact(
-        self, state: Any, slots: list[_Row | None], logits: torch.Tensor
-    ) -> tuple[Any, list, torch.Tensor]:
-        """Drop dead slots (before new rows are merged in)."""
-        keep = [b for b, row in enumerate(slots) if row is not None]
-        if len(keep) == len(slots):
-            return state, slots, logits
-        if not keep:
-            return None, [], logits[:0]
-        idx = torch.tensor(keep, device=logits.device)
-        return self.adapter.select(state, keep), [slots[b] for b in keep], logits.index_select(0, idx)
+    def _take(self, state: Any, slots: list, logits: torch.Tensor | None, batch: _Batch, keep: list[int]):
+        """Keep slots ``keep`` (drops dead slots) in the model state, the slot list, the logits and the batch."""
+        idx = torch.tensor(keep, dtype=torch.long, device=batch.key.device)
+        if logits is not None:
+            logits = logits.index_select(0, idx.to(logits.device))
+        return self.adapter.select(state, keep), [slots[b] for b in keep], logits, batch.take(idx)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        if self.temperature == 0:
-            tok = logits.argmax(dim=-1)
-        else:
-            scores = logits / self.temperature
-            if self.top_p < 1.0:
-                scores = _top_p_filter(scores, self.top_p)
-            vocab = scores.shape[-1]
-            u = torch.stack([torch.rand(vocab, generator=r.gen, device=self.device) for r in rows])
-            gumbel = -torch.log(-torch.log(u.to(scores.dtype).clamp_min(1e-20)))
-            tok = (scores + gumbel).argmax(dim=-1)
-        lp = logp.gather(1, tok[:, None]).squeeze(1)
-        return tok.tolist(), lp.tolist()
-
-    def _advance(self, row: _Row, tok: int, lp: float) -> bool:
-        """Append a sampled token; True when the row's step is complete."""
-        row.tokens.append(tok)
-        row.logprobs.append(lp)
-        if tok in self.eos_ids:
-            row.eos = True
-            return True
-        text = row.tail + (self._tok_str[tok] if tok < len(self._tok_str) else "")
-        if self.step_delimiter in text:
-            return True
-        row.tail = text[1 - len(self.step_delimiter) :] if len(self.step_delimiter) > 1 else ""
-        total = len(row.prefix.ids) + len(row.tokens)
-        if len(row.tokens) >= self.max_step_tokens or (self.context is not None and total >= self.context):
-            row.truncated = True
-            return True
-        return False
-
-    def _finish(self, row: _Row, state: Any, b: int, out: list[list[Any]]) -> None:
-        text_ids = row.tokens[:-1] if row.eos else row.tokens
-        out[row.i][row.c] = StepRecord(
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
-            token_ids=tuple(row.tokens),
-            logprobs=tuple(row.logprobs),
-            prior=math.exp(sum(row.logprobs) / len(row.logprobs)),
-            eos=row.eos,
-            truncated=row.truncated,
+    def _new_batch(self, rows: list[_Row]) -> _Batch:
+        dev, n = self.device, len(rows)
+        room = [
+            self.max_step_tokens
+            if self.context is None
+            else min(self.max_step_tokens, self.context - len(r.prefix.ids))
+            for r in rows
+        ]
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        return _Batch(
+            key=torch.tensor([r.key for r in rows], dtype=torch.long, device=dev),
+            ntok=zeros,
+            limit=torch.tensor(room, dtype=torch.long, device=dev),
+            dstate=zeros.clone(),
+            alive=torch.ones(n, dtype=torch.bool, device=dev),
+            toks=torch.zeros((n, self.max_step_tokens), dtype=torch.long, device=dev),
+            lps=torch.zeros((n, self.max_step_tokens), dtype=torch.float64, device=dev),
         )
-        self.stats["generated_tokens"] += len(row.tokens)
-        if self.cache_enabled and self.adapter.stores and not row.eos:
-            length = len(row.prefix.ids) + len(row.tokens) - 1
-            if (length, row.h) not in self._cache:
-                ids = tuple(row.prefix.ids) + tuple(row.tokens[:-1])
-                self._cache.put(ids, row.h, self.adapter.row_payload(state, b))
+
+    def _step(
+        self, batch: _Batch, tok: torch.Tensor, lp: torch.Tensor, vocab: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append each slot's sampled token; return (ended, eos, truncated) masks over the slots. A step ends at EOS,
+        else when its text completes the delimiter (automaton over token strings), else at its length limit."""
+        tok = tok.to(batch.key.device)
+        eos_tab, done_tab, next_tab = self._tables(vocab)
+        rows = torch.arange(len(tok), device=tok.device)
+        col = batch.ntok.clamp_max(
+            self.max_step_tokens - 1
+        )  # dead slots may sit at the limit: their writes are junk
+        batch.toks[rows, col] = tok
+        batch.lps[rows, col] = lp.to(batch.lps.device, torch.float64)
+        batch.ntok = batch.ntok + 1
+        eos = eos_tab[tok]
+        delim = done_tab[batch.dstate, tok]
+        batch.dstate = next_tab[batch.dstate, tok]
+        ended = batch.alive & (eos | delim | (batch.ntok >= batch.limit))
+        truncated = ended & ~eos & ~delim
+        batch.alive = batch.alive & ~ended
+        return ended, eos, truncated
+
+    def _finish(
+        self, done: list[int], slots: list, batch: _Batch, eos: torch.Tensor, truncated: torch.Tensor, state: Any,
+        out: list[list[Any]],
+    ) -> None:  # fmt: skip
+        """Turn the finished slots ``done`` into StepRecords; cache each one's state (up to its last fed token)."""
+        idx = torch.tensor(done, dtype=torch.long, device=batch.key.device)
+        lengths = batch.ntok.index_select(0, idx).tolist()
+        eos_l, trunc_l = eos.index_select(0, idx).tolist(), truncated.index_select(0, idx).tolist()
+        toks, lps = batch.toks.index_select(0, idx).tolist(), batch.lps.index_select(0, idx).tolist()
+        for b, n, is_eos, is_trunc, tokens, logprobs in zip(done, lengths, eos_l, trunc_l, toks, lps):
+            row = slots[b]
+            tokens, logprobs = tokens[:n], logprobs[:n]
+            out[row.i][row.c] = StepRecord(
+                text=self.tokenizer.decode(tokens[:-1] if is_eos else tokens, skip_special_tokens=True),
+                token_ids=tuple(tokens),
+                logprobs=tuple(logprobs),
+                prior=math.exp(sum(logprobs) / n),
+                eos=bool(is_eos),
+                truncated=bool(is_trunc),
+            )
+            self.stats["generated_tokens"] += n
+            h = row.prefix.h
+            for t in tokens[:-1]:  # the fed tokens (the last sampled one is fed when this child is expanded)
+                h = roll_hash(h, (t,))
+                self._seen.add(h)
+            if self.cache_enabled and self.adapter.stores and not is_eos:
+                if (len(row.prefix.ids) + n - 1, h) not in self._cache:
+                    ids = tuple(row.prefix.ids) + tuple(tokens[:-1])
+                    self._cache.put(ids, h, self.adapter.row_payload(state, b))
+
+    def _tables(self, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(is EOS per token, delimiter completed per (state, token), next state per (state, token)) covering at
+        least ``vocab`` token ids (ids past the tokenizer decode to "" and leave the state as it is)."""
+        if self._eos_tab is None or self._eos_tab.shape[0] < vocab:
+            width = max(vocab, len(self._tok_str), max(self.eos_ids, default=0) + 1)
+            eos = torch.zeros(width, dtype=torch.bool)
+            eos[list(self.eos_ids)] = True
+            done, nxt = _delimiter_automaton(self.step_delimiter, self._tok_str, width)
+            self._eos_tab, self._delim_done, self._delim_next = (t.to(self.device) for t in (eos, done, nxt))
+        return self._eos_tab, self._delim_done, self._delim_next
+
+
+def _delimiter_automaton(
+    delim: str, token_strings: Sequence[str], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KMP over token strings: state s = the longest delimiter prefix that the step's text so far ends with (a step
+    starts at 0). ``done[s, t]``: text + token t contains the delimiter; ``nxt[s, t]``: the state after t."""
+    n = len(delim)
+    done = torch.zeros((n, width), dtype=torch.bool)
+    nxt = torch.zeros((n, width), dtype=torch.long)
+    nxt[:, len(token_strings) :] = torch.arange(n)[:, None]  # ids without a string: "" keeps the state
+    chars = set(delim)
+    for t, w in enumerate(token_strings):
+        if not w:
+            nxt[:, t] = torch.arange(n)
+            continue
+        if chars.isdisjoint(w):
+            continue  # never completes the delimiter, never leaves a delimiter prefix at the end
+        for s in range(n):
+            text = delim[:s] + w
+            if delim in text:
+                done[s, t] = True
+                continue
+            k = min(n - 1, len(text))
+            while k and not text.endswith(delim[:k]):
+                k -= 1
+            nxt[s, t] = k
+    return done, nxt
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -435,3 +515,90 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = (probs.cumsum(dim=-1) - probs) > top_p
     sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
     return torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+
+
+# ------------------------------------------------------------------------------------------- counter-based sampling
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
+
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 value torch stores for it."""
+    x &= _M64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (products wrap mod 2**64, as two's complement does)."""
+    x = (x ^ _shr(x, 30)) * _signed(_MIX1)
+    x = (x ^ _shr(x, 27)) * _signed(_MIX2)
+    return x ^ _shr(x, 31)
+
+
+def row_key(seed: int, child: int) -> int:
+    """The sampling key of row (prefix seeded ``seed``, child ``child``): an int64."""
+    return _signed((int(seed) * 1_000_003 + int(child)) % 2**63)
+
+
+def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per row: a hash of (row key, token index within the step); 53 random bits."""
+    x = _mix(_mix(keys) + (steps + 1) * _signed(_GOLDEN))
+    return _shr(x, 11).to(torch.float64) * 2.0**-53
+
+
+def sample_tokens(
+    logits: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, temperature: float, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled token and its log-softmax (raw logits, temperature 1) for every row, as tensors.
+
+    Temperature 0: argmax. Otherwise inverse-CDF sampling of softmax(top-p-filtered logits / T) with the row's
+    counter-based uniform ``u``: the token is the first whose cumulative weight exceeds ``u * total``. The CDF is
+    two-level (block sums, then one block) so no full-vocabulary scan beyond one ``exp`` and one sum per row.
+    Every operation is row-wise, so a row's token never depends on the other rows of the batch.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    top = logits.amax(dim=-1, keepdim=True)
+    weights = torch.exp(logits - top)
+    log_z = top.squeeze(1) + torch.log(weights.sum(dim=-1))
+    if temperature == 0:
+        tok = logits.argmax(dim=-1)
+    else:
+        if temperature != 1.0 or top_p < 1.0:
+            scores = logits / temperature
+            if top_p < 1.0:
+                scores = _top_p_filter(scores, top_p)
+            weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        tok = _inverse_cdf(weights, uniforms(keys, steps))
+    lp = logits.gather(1, tok[:, None]).squeeze(1) - log_z
+    return tok, lp
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative weight exceeds ``u * total`` (never a zero-weight index)."""
+    rows, vocab = weights.shape
+    pad = -vocab % _BLOCK
+    if pad:
+        weights = torch.nn.functional.pad(weights, (0, pad))
+    blocks = weights.view(rows, -1, _BLOCK)
+    block_sum = blocks.sum(dim=-1, dtype=torch.float64)
+    cum = block_sum.cumsum(dim=-1)
+    target = u * cum[:, -1]
+    j = torch.searchsorted(cum, target[:, None], right=True).clamp_max(cum.shape[1] - 1)
+    # the cumulative weight before block j, as searchsorted saw it (so start <= target < start + block)
+    start = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), 0.0).squeeze(1)
+    chosen = blocks[torch.arange(rows, device=weights.device), j.squeeze(1)]  # (rows, BLOCK)
+    inner = chosen.cumsum(dim=-1, dtype=torch.float64) + start[:, None]
+    k = torch.searchsorted(inner, target[:, None], right=True).squeeze(1)
+    # round-off can leave the target past the block's last cumulative value: take its last positive-weight index
+    idx = torch.arange(_BLOCK, device=weights.device)
+    last = torch.where(chosen > 0, idx, -1).amax(dim=-1)
+    k = torch.where(k >= _BLOCK, last, k).clamp(0, _BLOCK - 1)
+    return (j.squeeze(1) * _BLOCK + k).clamp_max(vocab - 1)
