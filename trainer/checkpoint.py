@@ -14,7 +14,7 @@ Atomicity. Every rank writes into ``<root>/.checkpoint-<step>.partial`` (a hidde
 :func:`latest_checkpoint`), the main process renames it to ``checkpoint-<step>`` only once everything is written,
 and old checkpoints are first renamed to hidden ``.deleting-*`` names and then removed. A process killed at any moment
 (SIGKILL included) therefore leaves only complete ``checkpoint-*`` directories plus hidden leftovers, which the next
-save removes. Files are not fsynced: a killed *process* loses nothing written to the page cache; a power cut may.
+save (or :func:`remove_leftovers`) removes. Files are not fsynced: a killed *process* loses nothing written to the page cache; a power cut may.
 
 Resume. :func:`load_checkpoint` restores weights, optimiser, scheduler, RNG states and counters and returns the
 ``data_state``; with the deterministic step plan of :mod:`thinktree.trainer.algos.batching` a run killed and resumed
@@ -40,7 +40,14 @@ from thinktree.trainer.models import save_policy
 if TYPE_CHECKING:
     from thinktree.trainer.algos.engine import Engine
 
-__all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint", "save_model"]
+__all__ = [
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "remove_leftovers",
+    "save_checkpoint",
+    "save_model",
+]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 FORMAT_VERSION = 1
@@ -109,7 +116,7 @@ def save_checkpoint(
     final, partial = base / f"checkpoint-{step:08d}", base / f".checkpoint-{step:08d}.partial"
     if acc.is_main_process:
         base.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(base)
+        remove_leftovers(base)
         partial.mkdir()
     acc.wait_for_everyone()
     acc.save_state(str(partial / "state"))
@@ -158,7 +165,13 @@ def _retire(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def _remove_leftovers(base: Path) -> None:
+def remove_leftovers(root: str | os.PathLike[str]) -> None:
+    """Remove what killed saves and removals left under ``root`` (hidden ``.checkpoint-*`` / ``.deleting-*``
+    folders); every save does it, and a resumed run for roots it may not save into again. Call it only while no
+    process writes a checkpoint there."""
+    base = Path(root)
+    if not base.is_dir():
+        return
     for p in base.iterdir():
         if p.name.startswith((".checkpoint-", ".deleting-")) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -49,7 +49,7 @@ from thinktree.trainer.algos.grpo import GRPO
 from thinktree.trainer.algos.ppo import PPO, ppo_records
 from thinktree.trainer.algos.rft import RFT
 from thinktree.trainer.algos.sft import SFTSettings, train_sft
-from thinktree.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_model
+from thinktree.trainer.checkpoint import latest_checkpoint, load_checkpoint, remove_leftovers, save_model
 from thinktree.trainer.config import ConfigError, RecipeConfig
 from thinktree.trainer.distributed import Topology, topology
 from thinktree.trainer.evaluate import evaluate_policy
@@ -603,8 +603,10 @@ def run_train(cfg: RecipeConfig) -> dict:
 
     resumed = (out / "config.yaml").exists()
     prepare_output_dir(cfg)  # every check passed: from here on the run writes into its output dir
-    if resumed and topo.is_main:
-        remove_partials(out)  # leftovers of saves a kill interrupted
+    if resumed and topo.is_main:  # leftovers of saves a kill interrupted: policy saves, training checkpoints
+        remove_partials(out)
+        for root in [out / "warm_start" / "trainer", *out.glob("round-*/trainer")]:
+            remove_leftovers(root)
     topo.barrier()
     report = Reporter(out, cfg, enabled=topo.is_main)
 
