@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import DynamicLayer
 
 from thinktree.search import StepProposer, StepRecord, Trajectory
-from thinktree.search.backends.cache import RecomputeAdapter
+from thinktree.search.backends.cache import RecomputeAdapter, _no_kv_reason
 from thinktree.search.backends.hf import HFStepProposer
 from thinktree.trainer.tiny import build_tiny_model
 
@@ -179,7 +181,11 @@ def scripted(text: str, prompt: str, eos: bool = False, **kw) -> tuple[HFStepPro
     _, tok = build_tiny_model("llama")
     script = tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
     start = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    proposer = HFStepProposer(ScriptedLM(script, start, len(tok), tok.eos_token_id), tok, **kw)
+    model = ScriptedLM(script, start, len(tok), tok.eos_token_id)
+    with pytest.warns(
+        RuntimeWarning, match=r"no prefix-cache path for ScriptedLM: the model returned no .*O\(L\^2\)"
+    ):
+        proposer = HFStepProposer(model, tok, **kw)
     assert proposer.mode == "recompute"
     return proposer, Trajectory(prompt)
 
@@ -261,3 +267,41 @@ def test_peft_wrapped_policy_keeps_the_kv_path(models):
     assert proposer.mode == "kv"
     trajs = grow(proposer, PROMPTS[:2], depth=2, children=2)
     assert_matches_recompute(proposer, wrapped, trajs, TOL["llama"])
+
+
+def test_recompute_warning_once_per_model_and_names_the_attention():
+    _, tok = build_tiny_model("llama")
+    model = ScriptedLM([5], 0, len(tok), tok.eos_token_id)
+    with pytest.warns(RuntimeWarning, match="full recompute"):
+        HFStepProposer(model, tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert HFStepProposer(model, tok).mode == "recompute"  # same model: no second warning
+    call = SimpleNamespace(accepts_positions=True)
+    reason = _no_kv_reason([DynamicLayer()], "flash_attention_2", call)
+    assert "'flash_attention_2' has no K/V path" in reason and "sdpa" in reason
+
+
+@pytest.mark.parametrize("arch", ["llama", "mamba"])
+def test_cache_budget_in_bytes(models, arch):
+    model, tok = models[arch]
+    probe = HFStepProposer(model, tok, max_step_tokens=5)
+    grow(probe, PROMPTS[:1], depth=1, children=1)
+    per_entry = probe.stats["cached_bytes"] // max(1, len(probe._cache))
+    assert per_entry > 0
+    budget = 3 * per_entry
+    small = HFStepProposer(model, tok, max_step_tokens=5, cache_budget_bytes=budget)
+    trajs = grow(small, PROMPTS[:2], depth=3, children=2)
+    assert small.stats["evictions"] > 0 and 0 < small.stats["cached_bytes"] <= budget
+    assert small.stats["reencoded_tokens"] > 0
+    assert_matches_recompute(small, model, trajs, TOL[arch])
+    big = HFStepProposer(model, tok, max_step_tokens=5)
+    records_equal(
+        [t.steps for t in grow(big, PROMPTS[:2], depth=3, children=2)], [t.steps for t in trajs], TOL[arch]
+    )
+    assert big.stats["evictions"] == 0 and big.cache_budget_bytes > 2**20  # default: a quarter of the memory
+    none = HFStepProposer(model, tok, max_step_tokens=5, cache_budget_bytes=0)
+    grow(none, PROMPTS[:1], depth=2, children=2)
+    assert none.stats["cached_bytes"] == 0 and none.stats["cache_hits"] == 0
+    with pytest.raises(ValueError, match="cache_budget_bytes"):
+        HFStepProposer(model, tok, cache_budget_bytes=-1)

@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
 __all__ = [
     "PrefixCache",
+    "payload_bytes",
     "PrefillItem",
     "ModelCall",
     "KVAdapter",
@@ -53,13 +54,25 @@ def roll_hash(h: int, tokens: Iterable[int]) -> int:
     return h
 
 
-class PrefixCache:
-    """Content-addressed LRU store: ``(length, hash) -> (token ids, state payload)``, bounded by covered tokens."""
+def payload_bytes(payload: Any) -> int:
+    """Bytes held by a cache payload: a tensor, or a tuple/list of tensors (None: 0)."""
+    if payload is None:
+        return 0
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    return sum(payload_bytes(p) for p in payload)
 
-    def __init__(self, max_tokens: int) -> None:
+
+class PrefixCache:
+    """Content-addressed LRU store: ``(length, hash) -> (token ids, state payload)``, bounded by covered tokens AND by
+    payload bytes (``max_bytes=None``: tokens only); least recently used entries go first."""
+
+    def __init__(self, max_tokens: int, max_bytes: int | None = None) -> None:
         self.max_tokens = int(max_tokens)
-        self._entries: OrderedDict[tuple[int, int], tuple[tuple[int, ...], Any]] = OrderedDict()
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
+        self._entries: OrderedDict[tuple[int, int], tuple[tuple[int, ...], Any, int]] = OrderedDict()
         self.tokens = 0
+        self.bytes = 0
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -76,23 +89,30 @@ class PrefixCache:
         self._entries.move_to_end((length, h))
         return entry[1]
 
+    def _over(self) -> bool:
+        return self.tokens > self.max_tokens or (self.max_bytes is not None and self.bytes > self.max_bytes)
+
     def put(self, ids: tuple[int, ...], h: int, payload: Any) -> None:
         key = (len(ids), h)
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        if len(ids) > self.max_tokens:
+        size = payload_bytes(payload)
+        if len(ids) > self.max_tokens or (self.max_bytes is not None and size > self.max_bytes):
             return
-        self._entries[key] = (ids, payload)
+        self._entries[key] = (ids, payload, size)
         self.tokens += len(ids)
-        while self.tokens > self.max_tokens:
-            (n, _), _ = self._entries.popitem(last=False)
+        self.bytes += size
+        while self._over():
+            (n, _), (_, _, b) = self._entries.popitem(last=False)
             self.tokens -= n
+            self.bytes -= b
             self.evictions += 1
 
     def clear(self) -> None:
         self._entries.clear()
         self.tokens = 0
+        self.bytes = 0
 
 
 @dataclass
@@ -152,8 +172,8 @@ class RecomputeAdapter:
     stores = False
     dead_fraction = 0.0  # every fed token costs a full recompute: drop finished rows at once
 
-    def __init__(self, call: ModelCall, pad_id: int) -> None:
-        self.call, self.pad_id = call, pad_id
+    def __init__(self, call: ModelCall, pad_id: int, reason: str = "") -> None:
+        self.call, self.pad_id, self.reason = call, pad_id, reason
 
     def _run(self, seqs: list[list[int]]) -> torch.Tensor:
         ids, mask = _left_pad(seqs, self.pad_id, self.call.device)
@@ -402,4 +422,20 @@ def make_adapter(model: torch.nn.Module, call: ModelCall, pad_id: int, probe_id:
             if len({c.shape for c in conv}) == 1 and len({s.shape for s in ssm}) == 1:
                 shp_c, shp_s = (len(layers), *conv[0].shape[1:]), (len(layers), *ssm[0].shape[1:])
                 return SSMAdapter(call, pad_id, model.config, shp_c, shp_s, (conv[0].dtype, ssm[0].dtype))
-    return RecomputeAdapter(call, pad_id)
+    return RecomputeAdapter(call, pad_id, _no_kv_reason(layers, attn, call))
+
+
+def _no_kv_reason(layers, attn: str | None, call: ModelCall) -> str:
+    """Why the probe found no cache path this backend can resume from (for the one-time warning)."""
+    if not layers:
+        return "the model returned no layered cache"
+    kinds = sorted({type(lay).__name__ for lay in layers})
+    if kinds != ["DynamicLayer"]:
+        return f"its cache layers are {', '.join(kinds)} (sliding-window, hybrid or quantized), not plain K/V"
+    if not call.accepts_positions:
+        return "its forward takes no position_ids (needed under left padding)"
+    if attn not in ("eager", "sdpa"):
+        return (
+            f"attention implementation {attn!r} has no K/V path here (load with attn_implementation='sdpa')"
+        )
+    return "its layers' K/V shapes differ (per-layer heads or head sizes)"

@@ -30,7 +30,10 @@ Prefix cache (details in :mod:`.cache`)
     share one prefill. Rows with different past lengths are left-padded with an attention mask and real
     ``position_ids``. Attention models need ``eager``/``sdpa`` attention and full (non-sliding) layers; Mamba stores
     its conv/SSM state per entry; anything else falls back to full recompute (``mode == "recompute"``: batched,
-    correct, O(L^2)). LRU-bounded by ``cache_max_tokens`` covered tokens (a Mamba entry counts its covered length);
+    correct, O(L^2); a one-time ``RuntimeWarning`` per model names the reason, e.g. an attention implementation
+    without a K/V path: load with ``attn_implementation="sdpa"``). LRU-bounded by ``cache_budget_bytes`` of stored
+    state (default None: a quarter of the device's memory, CUDA or host RAM) and by ``cache_max_tokens`` covered
+    tokens (a Mamba entry counts its covered length);
     call ``clear_cache()`` after every policy update.
 
 How it departs from ``model.generate``
@@ -43,7 +46,7 @@ How it departs from ``model.generate``
 
 ``stats`` (cumulative): forward_passes, generated_tokens, prefill_tokens (prefix tokens fed for the first time),
 reencoded_tokens (tokens fed again: after eviction, without cache, or by the recompute fallback), cache_hits,
-cache_misses, evictions; cached_tokens is the tokens currently held.
+cache_misses, evictions; cached_tokens / cached_bytes are the tokens / state bytes currently held.
 
 Run: ``HFStepProposer(model, tokenizer, step_delimiter="\\n").propose([Trajectory("2+2=")], 4, [0])``; tests in
 ``tests/test_hf_backend.py``; throughput in ``bench/search_throughput.py``.
@@ -53,6 +56,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -131,6 +137,7 @@ class HFStepProposer:
         max_batch_size: int = 64,
         cache: bool = True,
         cache_max_tokens: int = 2_000_000,
+        cache_budget_bytes: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:
         if not step_delimiter:
@@ -157,14 +164,21 @@ class HFStepProposer:
                 model, self._call, self.pad_id, self._bos if self._bos is not None else 0
             )
         self.mode = self.adapter.kind
+        if self.mode == "recompute":
+            _warn_recompute(model, self.adapter.reason)
         self._call.calls = 0  # the probe does not count
-        self._cache = PrefixCache(cache_max_tokens)
+        if cache_budget_bytes is None:
+            cache_budget_bytes = _memory_bytes(self.device) // 4
+        if cache_budget_bytes < 0:
+            raise ValueError(f"cache_budget_bytes must be >= 0, got {cache_budget_bytes}")
+        self.cache_budget_bytes = int(cache_budget_bytes)
+        self._cache = PrefixCache(cache_max_tokens, self.cache_budget_bytes)
         self._seen: set[int] = set()
         self._prompt_memo: dict[str, tuple[list[int], int, int]] = {}
         self._step_memo: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
         self.stats: dict[str, int] = dict.fromkeys(
             ("forward_passes", "generated_tokens", "prefill_tokens", "reencoded_tokens", "cache_hits",
-             "cache_misses", "evictions", "cached_tokens"), 0,
+             "cache_misses", "evictions", "cached_tokens", "cached_bytes"), 0,
         )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- setup helpers
@@ -215,7 +229,7 @@ class HFStepProposer:
         self._cache.clear()
         self._seen.clear()
         self._step_memo.clear()
-        self.stats["cached_tokens"] = 0
+        self.stats["cached_tokens"] = self.stats["cached_bytes"] = 0
 
     # ----------------------------------------------------------------------------------------- prefix flattening
     def _prompt(self, prompt: str) -> tuple[list[int], int, int]:
@@ -280,6 +294,7 @@ class HFStepProposer:
             self._seen.clear()
         self.stats["forward_passes"] = self._call.calls
         self.stats["evictions"], self.stats["cached_tokens"] = self._cache.evictions, self._cache.tokens
+        self.stats["cached_bytes"] = self._cache.bytes
         return out
 
     def _groups(self, rows: list[_Row], per_prefix: int) -> deque[list[_Row]]:
@@ -515,6 +530,35 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = (probs.cumsum(dim=-1) - probs) > top_p
     sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
     return torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+
+
+_warned_models: weakref.WeakSet = weakref.WeakSet()
+
+
+def _warn_recompute(model: Any, reason: str) -> None:
+    """Once per model: the backend falls back to recomputing every prefix (no cache)."""
+    try:
+        if model in _warned_models:
+            return
+        _warned_models.add(model)
+    except TypeError:  # not weak-referenceable: warn every time rather than never
+        pass
+    warnings.warn(
+        f"HFStepProposer: no prefix-cache path for {type(model).__name__}: {reason}. Falling back to full recompute "
+        "(every decode step re-runs each whole sequence: O(L^2) per step, correct but slow).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device``: the CUDA card's, else the host's physical RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
 
 
 # ------------------------------------------------------------------------------------------- counter-based sampling
