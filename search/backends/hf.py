@@ -385,6 +385,9 @@ class HFStepProposer:
                 else:
                     state, logits, batch = st, lg, nb
                 slots = slots + new
+            logits = logits.to(
+                self.device
+            )  # a no-op unless the model's last layer sits elsewhere (device_map)
             tok, lp = sample_tokens(logits, batch.key, batch.ntok, self.temperature, self.top_p)
             ended, eos, truncated = self._step(batch, tok, lp, logits.shape[-1])
             done = ended.nonzero().squeeze(1).tolist()  # the step's one sync
@@ -436,7 +439,6 @@ class HFStepProposer:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append each slot's sampled token; return (ended, eos, truncated) masks over the slots. A step ends at EOS,
         else when its text completes the delimiter (automaton over token strings), else at its length limit."""
-        tok = tok.to(batch.key.device)
         eos_tab, done_tab, next_tab = self._tables(vocab)
         rows = torch.arange(len(tok), device=tok.device)
         col = batch.ntok.clamp_max(
