@@ -236,12 +236,12 @@ def test_on_collapse_stop_ends_the_run_and_the_same_command_resumes(warm, tmp_pa
     assert [r["round"] for r in again["rounds"]] == [0, 1, 2]
 
 
-def test_engine_warm_start_continues_into_the_rounds(tmp_path):
+def test_engine_warm_start_continues_into_the_rounds(warm, tmp_path):
     """warm_start.algo=engine: 20 likelihood steps on 40 worked solutions, then round 1's 3 RFT steps on the same
     optimiser; warmup_stable_decay is flat through the warm start and decays over the rounds' steps only."""
-    cfg = load_config(None, TINY + [
+    cfg = load_config(None, warm + [
         "rounds.num_rounds=1", "rounds.warm_start.algo=engine", "rounds.warm_start.steps=20",
-        "rounds.warm_start.examples=40", "rounds.warm_start.learning_rate=2e-3", "train.warmup_steps=0",
+        "rounds.warm_start.examples=40", "rounds.warm_start.learning_rate=1e-4", "train.warmup_steps=0",
         "train.lr_scheduler_type=warmup_stable_decay", f"output.dir={tmp_path}",
     ])  # fmt: skip
     summary = run_train(cfg)
