@@ -106,8 +106,14 @@ def _eval_main(args: argparse.Namespace) -> None:
         proposer = make_proposer(model, tok, cfg.search, 0.0 if method == "greedy" else None)
         found = run_method(method, prompts, proposer, make_outcome_fn(task), cfg.search,
                            np.random.default_rng(seed), answer_fn=task.extract_answer)  # fmt: skip
+        steps_ok = [
+            bool(task.check_steps([st.text for st in r.tree.trajectory(r.node).steps], r.tree.meta.get("numbers") or []))
+            if hasattr(task, "check_steps") else None
+            for r in found
+        ]  # fmt: skip
         result[method] = {
             "correct": [bool((r.reward or 0.0) >= 0.5) for r in found],
+            "steps_ok": steps_ok,
             "tokens_per_prompt": sum(r.budget.generated_tokens for r in found) / max(1, len(found)),
         }
     Path(args.eval_out).write_text(json.dumps(result))
@@ -144,6 +150,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             "curve": [{"round": r["round"], "accuracy": r["eval"]["greedy"]["accuracy"],
                        "generated_tokens": r.get("generated_tokens", 0)} for r in summary["rounds"] if "eval" in r],
             "greedy": evals["greedy"]["correct"],
+            "eval": evals["greedy"],
             "wall_s": summary["wall_s"],
             "warm_start_s": (summary.get("warm_start") or {}).get("time_s"),
             "search_accuracy": [r.get("search_accuracy") for r in summary["rounds"][1:]],
@@ -165,10 +172,18 @@ def analyse(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n_seeds": len(seeds), "n_eval": len(seeds[0]["start"]["greedy"]["correct"])}
     out["start_greedy"] = mean_ci([acc(s["start"]["greedy"]["correct"]) for s in seeds])
     out["start_mcts"] = mean_ci([acc(s["start"]["mcts"]["correct"]) for s in seeds])
+
+    def sound(ev: dict) -> list[bool]:  # correct answer reached through valid steps only
+        return [
+            c and bool(ok) for c, ok in zip(ev["correct"], ev.get("steps_ok") or [False] * len(ev["correct"]))
+        ]
+
+    out["start_sound"] = mean_ci([acc(sound(s["start"]["greedy"])) for s in seeds])
     for arm in ARMS:
+        out[arm] = {"sound": mean_ci([acc(sound(s["arms"][arm]["eval"])) for s in seeds])}
         finals = [acc(s["arms"][arm]["greedy"]) for s in seeds]
         gains = [acc(s["arms"][arm]["greedy"]) - acc(s["start"]["greedy"]["correct"]) for s in seeds]
-        out[arm] = {"final": mean_ci(finals), "gain": mean_ci(gains), "gains": gains}
+        out[arm].update({"final": mean_ci(finals), "gain": mean_ci(gains), "gains": gains})
     vs_random = [mcnemar(s["arms"]["method"]["greedy"], s["arms"]["random_reward"]["greedy"]) for s in seeds]
     vs_mcts = [mcnemar(s["arms"]["method"]["greedy"], s["start"]["mcts"]["correct"]) for s in seeds]
     out["mcnemar_vs_random"], out["mcnemar_vs_start_mcts"] = vs_random, vs_mcts
@@ -221,16 +236,16 @@ def section(result: dict[str, Any], img: str | None = None) -> str:
         f"`{result['command']}` — recipe `{result['recipe']}`, {k} seed(s), {n} held-out prompts (test split, disjoint "
         f"from train), greedy pass@1. Gains are final − start in points, mean ± 95 % CI over seeds (Student t).",
         "",
-        "| arm | final greedy (%) | gain (points) | gains per seed |",
-        "|---|---|---|---|",
+        "| arm | final greedy (%) | gain (points) | gains per seed | answer right and every step valid (%) |",
+        "|---|---|---|---|---|",
     ]
     for arm in ARMS:
         r = a[arm]
         lines.append(f"| {arm} | {r['final'][0]:.1f} | {_fmt(r['gain'])} | "
-                     f"{', '.join(f'{g:+.1f}' for g in r['gains'])} |")  # fmt: skip
+                     f"{', '.join(f'{g:+.1f}' for g in r['gains'])} | {r['sound'][0]:.1f} |")  # fmt: skip
     lines += [
-        f"| start (warm start), greedy | {a['start_greedy'][0]:.1f} | | |",
-        f"| start (warm start), MCTS at the training budget | {a['start_mcts'][0]:.1f} | | |",
+        f"| start (warm start), greedy | {a['start_greedy'][0]:.1f} | | | {a['start_sound'][0]:.1f} |",
+        f"| start (warm start), MCTS at the training budget | {a['start_mcts'][0]:.1f} | | | |",
         "",
         "McNemar (exact, per seed; only-method / only-other, p): vs random-reward "
         + "; ".join(f"{t['only_a']}/{t['only_b']}, p={t['p']:.2g}" for t in a["mcnemar_vs_random"])

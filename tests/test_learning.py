@@ -252,3 +252,18 @@ def test_engine_warm_start_continues_into_the_rounds(warm, tmp_path):
     # 23 steps, decay over the last 3 (cosine): the round's peak 1e-3 at its first step, then 1e-3·(1+cos(π/3))/2 …
     assert lrs == pytest.approx([1e-3, 1e-3 * 0.75, 1e-3 * 0.25])
     assert not (tmp_path / "warm_start" / "trainer").exists()  # superseded by round 1's training state
+
+
+def test_pi_prime_targets_join_the_round_records(warm, tmp_path):
+    """train.pi_prime_coef > 0: the round's GRPO records gain Gumbel MuZero improved-policy records."""
+    cfg = load_config(None, warm + ["rounds.num_rounds=1", "train.algo=grpo", "train.lr_scheduler_type=constant",
+                                    "train.pi_prime_coef=0.5", f"output.dir={tmp_path}"])  # fmt: skip
+    run_train(cfg)
+    records = [
+        json.loads(line) for line in (tmp_path / "round-01" / "signals.jsonl").read_text().splitlines()
+    ]
+    pi = [r for r in records if r["method"] == "improved_policy"]
+    assert pi and {r["method"] for r in records} == {"treerl", "improved_policy"}
+    for r in pi:  # each trains one step's tokens with 0.5·(π′ − p)
+        trained = [a for a, m in zip(r["advantages"], r["loss_mask"]) if m]
+        assert trained and all(a == pytest.approx(0.5 * (r["target"] - r["prior"])) for a in trained)

@@ -103,6 +103,8 @@ class SearchConfig(MCTSConfig):
     """Best-of-N: number of independent samples."""
     beam_width: int = 4
     """Step beam search: beams kept per step."""
+    cache_budget_bytes: int | None = None
+    """Prefix-cache limit in bytes of stored K/V (or Mamba) state; null = a quarter of the device's memory."""
     process_check: bool = False
     """Process-checked rewards: a path through a step the task can prove wrong (arith, countdown equations) earns 0."""
 
@@ -180,6 +182,9 @@ class TrainConfig:
     """Collapse check: mean token entropy (nats) of a round's training below this."""
     kl_ceiling: float = 0.5
     """Collapse check: a training step's approx-KL to the rollout policy above this."""
+    pi_prime_coef: float = 0.0
+    """GRPO / RFT rounds: add Gumbel MuZero's improved-policy targets, advantage coef·(π′(a) − p(a)) on every sampled
+    child step of each searched node (trainer.signals.improved_policy); 0 = off."""
     pack_tokens: int = 0
     """Tree packing: 0 = unpacked; N = pack each step's shared path prefixes into sequences of at most N tokens."""
 
@@ -191,7 +196,8 @@ class TrainConfig:
         for name in ("per_device_batch_size", "grad_accum", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "save_steps", "learning_rate", "entropy_floor", "kl_ceiling"):
+        for name in ("steps", "warmup_steps", "save_steps", "learning_rate", "entropy_floor", "kl_ceiling",
+                     "pi_prime_coef"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 

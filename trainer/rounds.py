@@ -66,6 +66,7 @@ from thinktree.trainer.outputs import check_output_dir, dumps_finite, prepare_ou
 from thinktree.trainer.reporting import Reporter
 from thinktree.trainer.searching import make_outcome_fn, make_prompts, make_proposer, run_method
 from thinktree.trainer.signals import signal_counts, step_pairs, tree_advantages
+from thinktree.trainer.signals.improved_policy import improved_policy_records
 from thinktree.trainer.signals.traces import rft_records, sft_traces
 
 log = logging.getLogger("thinktree")
@@ -398,11 +399,15 @@ ENGINE_ALGOS = ("grpo", "ppo", "rft")
 def _compile(run: Run, trees: list) -> list[dict]:
     """The round's records for the engine algorithm ``train.algo``."""
     t = run.cfg.train
-    if t.algo == "grpo":
-        return [rec for tree in trees for rec in tree_advantages(tree, method=t.advantage)]
     if t.algo == "ppo":
         return [rec for tree in trees for rec in ppo_records(tree)]
-    return rft_records(trees, k=run.cfg.rounds.traces_per_tree)
+    if t.algo == "grpo":
+        records = [rec for tree in trees for rec in tree_advantages(tree, method=t.advantage)]
+    else:
+        records = rft_records(trees, k=run.cfg.rounds.traces_per_tree)
+    if t.pi_prime_coef > 0:  # Gumbel MuZero's improved policy as a target: KL(pi' || pi) per searched node
+        records += [rec for tree in trees for rec in improved_policy_records(tree, scale=t.pi_prime_coef)]
+    return records
 
 
 def _horizon(cfg: RecipeConfig) -> int | None:
@@ -510,7 +515,7 @@ def train_stage(run: Run, rdir: Path) -> dict:
     if not info:
         log.warning("round: no training signal in %d trees; the policy is not updated this round", len(trees))
     for reason in info.get("collapse") or []:
-        log.warning("round %s cannot teach: %s", rdir.name, reason)
+        log.warning("%s cannot teach: %s", rdir.name, reason)
     return {**counts, **info, "train_time_s": time.perf_counter() - start}
 
 

@@ -87,6 +87,7 @@ def make_proposer(model, tokenizer, cfg: SearchConfig, temperature: float | None
         temperature=cfg.temperature if temperature is None else temperature,
         top_p=cfg.top_p,
         max_batch_size=cfg.max_batch_size,
+        cache_budget_bytes=cfg.cache_budget_bytes,
     )
 
 
