@@ -35,8 +35,15 @@ def register_task(name: str) -> Callable[[type], type]:
     return deco
 
 
+class UnknownTaskError(ValueError, KeyError):
+    """A task name that is not registered (a ValueError, so the CLI answers it in one line; a KeyError as before)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def get_task(name: str, **kwargs: Any):
     """Instantiate a registered task by name; unknown names raise with the list of known ones."""
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        raise UnknownTaskError(f"task.name={name!r} is not a task; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name](**kwargs)

@@ -91,6 +91,18 @@ def test_unknown_task_option_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_unknown_task_name_is_one_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, *TINY, "task.name=bogus", f"output.dir={tmp_path / 'run'}"]) == 2
+    line = _one_line_error(capsys.readouterr().err, command)
+    assert "task.name='bogus' is not a task; known tasks: arith, countdown" in line
+    assert not (tmp_path / "run").exists()
+    assert main([command, *TINY, "task.name=arith", f"output.dir={tmp_path / 'run'}", "rounds.num_rounds=0",
+                 "eval.methods=[greedy]", "eval.health=false", "--limit", "2"][: None if command == "search" else -2]) == 0  # fmt: skip
+
+
 def test_process_exit_status_and_debug(tmp_path: Path) -> None:
     """The real command line: exit status 2 and one stderr line; ``--debug`` shows the traceback."""
     recipe = tmp_path / "r.yaml"
