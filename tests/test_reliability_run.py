@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_cli_pipeline import TINY as PIPELINE_TINY
 
-from thinktree.trainer import rounds
+from thinktree.trainer import round_training, rounds
 from thinktree.trainer.algos.engine import Engine
 from thinktree.trainer.algos.grpo import GRPO
 from thinktree.trainer.cli import main
@@ -298,7 +298,7 @@ def test_non_finite_weights_fail_loudly_and_keep_nothing(
     out = tmp_path / "run"
     if where == "warm_start":
         monkeypatch.setattr(
-            rounds, "train_sft", lambda model, *a, **k: (_poison(model), {"train_loss": 1.0})[1]
+            round_training, "train_sft", lambda model, *a, **k: (_poison(model), {"train_loss": 1.0})[1]
         )
         extra = ["rounds.warm_start.algo=sft", "rounds.warm_start.steps=1"]
     else:
