@@ -184,6 +184,8 @@ def analyse(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         finals = [acc(s["arms"][arm]["greedy"]) for s in seeds]
         gains = [acc(s["arms"][arm]["greedy"]) - acc(s["start"]["greedy"]["correct"]) for s in seeds]
         out[arm].update({"final": mean_ci(finals), "gain": mean_ci(gains), "gains": gains})
+    vs_start = [mcnemar(s["arms"]["method"]["greedy"], s["start"]["greedy"]["correct"]) for s in seeds]
+    out["mcnemar_vs_start"] = vs_start
     vs_random = [mcnemar(s["arms"]["method"]["greedy"], s["arms"]["random_reward"]["greedy"]) for s in seeds]
     vs_mcts = [mcnemar(s["arms"]["method"]["greedy"], s["start"]["mcts"]["correct"]) for s in seeds]
     out["mcnemar_vs_random"], out["mcnemar_vs_start_mcts"] = vs_random, vs_mcts
@@ -247,7 +249,9 @@ def section(result: dict[str, Any], img: str | None = None) -> str:
         f"| start (warm start), greedy | {a['start_greedy'][0]:.1f} | | | {a['start_sound'][0]:.1f} |",
         f"| start (warm start), MCTS at the training budget | {a['start_mcts'][0]:.1f} | | | |",
         "",
-        "McNemar (exact, per seed; only-method / only-other, p): vs random-reward "
+        "McNemar (exact, per seed; only-method / only-other, p): vs the start "
+        + "; ".join(f"{t['only_a']}/{t['only_b']}, p={t['p']:.2g}" for t in a.get("mcnemar_vs_start", []))
+        + " — vs random-reward "
         + "; ".join(f"{t['only_a']}/{t['only_b']}, p={t['p']:.2g}" for t in a["mcnemar_vs_random"])
         + " — vs the start's MCTS "
         + "; ".join(f"{t['only_a']}/{t['only_b']}, p={t['p']:.2g}" for t in a["mcnemar_vs_start_mcts"]),
@@ -265,8 +269,11 @@ def conclusions(a: dict[str, Any]) -> list[str]:
     out = []
     ci_low = m - mh if math.isfinite(mh) else float("nan")
     beats_random = all(t["p"] < 0.05 and t["only_a"] > t["only_b"] for t in a["mcnemar_vs_random"])
+    sig = sum(t["p"] < 0.05 and t["only_a"] > t["only_b"] for t in a.get("mcnemar_vs_start", []))
     out.append(f"Method gain {m:+.1f} points (95 % CI {_fmt((m, mh))}): "
-               + ("the interval excludes 0." if ci_low > 0 else "the interval does not exclude 0."))  # fmt: skip
+               + ("the interval excludes 0" if ci_low > 0 else "the interval does not exclude 0")
+               + f"; the final policy beats its own start significantly (McNemar p < 0.05) on {sig} of "
+               + f"{len(a.get('mcnemar_vs_start', []))} seeds.")  # fmt: skip
     out.append(f"Random-reward control {r:+.1f} points: " + ("within" if abs(r) <= 2 else "outside")
                + " the ±2-point band around the start; the method "
                + ("beats it on every seed (McNemar p < 0.05)." if beats_random else "does not beat it on every seed."))  # fmt: skip
@@ -318,6 +325,7 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
     result = json.loads(path.read_text())
+    result["analysis"] = analyse(result["seeds"])  # recomputed from the per-prompt results on every render
     if args.img:
         plot(result, args.img)
     rel = None
