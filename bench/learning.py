@@ -217,7 +217,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.axhline(
         mcts, linestyle="--", color="tab:blue", label=f"start policy's MCTS ({mcts:.1f} %, final eval set)"
     )
-    ax.set(xlabel="round (0 = after the warm start)", ylabel="held-out greedy pass@1 (%)",
+    n = max(len(a["curve"]) for s in result["seeds"] for a in s["arms"].values())
+    ax.set_xticks(range(n))
+    ax.set(xlabel="round (0 = after the warm start)", ylabel="held-out greedy pass@1 (%), curve prompts",
            title="Expert iteration vs controls, one line per seed")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -320,7 +322,8 @@ def main() -> None:
             seeds = list(pool.map(lambda s: run_seed(args, s), args.seeds))
         result = {"recipe": str(Path(args.recipe).relative_to(ROOT)) if Path(args.recipe).is_absolute() else args.recipe,
                   "command": "python bench/learning.py " + " ".join(sys.argv[1:]), "seeds": seeds,
-                  "wall_s": time.perf_counter() - start}  # fmt: skip
+                  "wall_s": time.perf_counter() - start,
+                  "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
         result["analysis"] = analyse(seeds)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))

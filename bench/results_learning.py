@@ -35,8 +35,17 @@ def _flow(d: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
 
 
+PREVIOUS_QUICKSTART = [
+    "train.learning_rate=2.0e-5", "train.lr_scheduler_type=constant", "train.warmup_steps=0", "train.steps=0",
+    "rounds.traces_per_tree=1", "rounds.warm_start.examples=null",
+]  # fmt: skip
+"""This experiment's settings as it was designed (the quickstart's before it became expert iteration on one optimiser);
+the methods' own overrides (``METHODS``) come after these."""
+
+
 def common(sizes: dict[str, Any], seed: int) -> list[str]:
     return [
+        *PREVIOUS_QUICKSTART,
         f"task.eval_size={sizes['eval_size']}", f"rounds.prompts_per_round={sizes['prompts_per_round']}",
         f"seed={seed}", "eval.methods=[greedy]", "eval.health=false", "output.report_to=[]",
     ]  # fmt: skip
