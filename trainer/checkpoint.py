@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from thinktree.trainer.algos.engine import Engine
 
 __all__ = [
+    "retire",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -136,11 +137,11 @@ def save_checkpoint(
             json.dumps({**summary, "time": time.time()}, indent=2) + "\n"
         )
         if final.exists():  # re-saving the same step (a resumed run): replace the old copy
-            _retire(final)
+            retire(final)
         os.rename(partial, final)
         if keep is not None and keep > 0:
             for old in list_checkpoints(base)[:-keep]:
-                _retire(old)
+                retire(old)
     acc.wait_for_everyone()
     return final
 
@@ -158,7 +159,7 @@ def load_checkpoint(engine: Engine, path: str | os.PathLike[str]) -> dict[str, A
     return dict(state["data_state"])
 
 
-def _retire(path: Path) -> None:
+def retire(path: Path) -> None:
     """Remove a directory without ever exposing it half-deleted under its own name."""
     hidden = path.parent / f".deleting-{path.name}-{uuid.uuid4().hex[:8]}"
     os.rename(path, hidden)

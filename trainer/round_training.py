@@ -24,7 +24,7 @@ from thinktree.trainer.algos.grpo import GRPO
 from thinktree.trainer.algos.ppo import PPO, ppo_records
 from thinktree.trainer.algos.rft import RFT
 from thinktree.trainer.algos.sft import SFTSettings, train_sft
-from thinktree.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from thinktree.trainer.checkpoint import latest_checkpoint, load_checkpoint, retire
 from thinktree.trainer.config import ConfigError, RecipeConfig
 from thinktree.trainer.learning import collapse_report, randomise_rewards
 from thinktree.trainer.models import (
@@ -185,8 +185,8 @@ def _engine(run: Run, rdir: Path) -> Engine:
     )  # warmup_stable_decay: decay over them
     run.engine = Engine(run.model, run.tokenizer, run.cfg.train, value_head=algo.value_head,
                         num_training_steps=_horizon(run.cfg), num_decay_steps=rounds_steps)  # fmt: skip
-    done = [run.out / "warm_start" / "trainer"]
-    done += sorted(p for p in run.out.glob("round-*/trainer") if p.parent.name < rdir.name)
+    done = [run.out / "warm_start" / "trainer"]  # this round's own checkpoints too: they are the newest state
+    done += sorted(p for p in run.out.glob("round-*/trainer") if p.parent.name <= rdir.name)
     ckpt = next((c for c in map(latest_checkpoint, reversed(done)) if c is not None), None)
     if ckpt is not None:
         load_checkpoint(run.engine, ckpt)
@@ -205,8 +205,12 @@ def _prune_training_state(run: Run, rdir: Path) -> None:
     """Keep only the newest round's training checkpoints (earlier rounds' state is superseded)."""
     if run.topo.is_main:
         for old in [run.out / "warm_start" / "trainer", *run.out.glob("round-*/trainer")]:
-            if old.parent.name < rdir.name or old.parent.name == "warm_start":
-                shutil.rmtree(old, ignore_errors=True)
+            if old.exists() and (old.parent.name < rdir.name or old.parent.name == "warm_start"):
+                retire(
+                    old
+                )  # renamed away first: a kill never leaves a half-deleted checkpoint under its name
+        for left in [*run.out.glob("round-*/.deleting-*"), *run.out.glob("warm_start/.deleting-*")]:
+            shutil.rmtree(left, ignore_errors=True)  # what an earlier kill left between rename and removal
     run.topo.barrier()
 
 
