@@ -139,24 +139,31 @@ class GRPO:
         self.clip_high = self.cfg.clip_coef if self.cfg.clip_coef_high is None else self.cfg.clip_coef_high
 
     # ------------------------------------------------------------------------------------------------- the loss
-    def loss(
-        self, out: ForwardOut, batch: Batch, norm: LossNorm, first: bool
+    def policy_loss(
+        self, out: ForwardOut, batch: Batch, norm: LossNorm
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Micro-batch loss (its contribution to the step's loss) and metric contributions (global token means)."""
-        f, mask = batch.fields, batch.mask
+        """Per-token policy loss ``[B, W]`` (the clipped surrogate) and its metric contributions."""
+        f, mask, tok = batch.fields, batch.mask, max(norm.n_tokens, 1.0)
         pg, ratio, clipped = clipped_pg_loss(
             out.logprobs, f["old_logprobs"], f["advantages"], self.clip_low, self.clip_high
         )
-        per_token = pg
-        tok = max(norm.n_tokens, 1.0)
-        parts = {
+        return pg, {
             "pg_loss": normalise(pg, mask, norm),
             "clip_frac": (clipped.float() * mask).sum() / tok,
             "approx_kl": (((ratio - 1) - torch.log(ratio)) * mask).sum() / tok,
         }
+
+    def loss(
+        self, out: ForwardOut, batch: Batch, norm: LossNorm, first: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Micro-batch loss (its contribution to the step's loss) and metric contributions (global token means):
+        :meth:`policy_loss` plus the KL penalty, normalised by ``loss_type``."""
+        f, mask = batch.fields, batch.mask
+        per_token, parts = self.policy_loss(out, batch, norm)
+        tok = max(norm.n_tokens, 1.0)
         if self.cfg.kl_coef > 0:
             kl = k3_kl(out.logprobs, f["ref_logprobs"])
-            per_token = pg + self.cfg.kl_coef * kl
+            per_token = per_token + self.cfg.kl_coef * kl
             parts["kl"] = (kl * mask).sum() / tok
         if out.entropy is not None:
             parts["entropy"] = (out.entropy * mask).sum() / tok

@@ -21,7 +21,7 @@ import torch
 
 from .batching import Batch
 from .engine import ForwardOut
-from .grpo import GRPO, LossNorm, k3_kl, normalise
+from .grpo import GRPO, LossNorm, normalise
 
 __all__ = ["RFT"]
 
@@ -32,20 +32,9 @@ class RFT(GRPO):
     name = "rft"
     value_head = False
 
-    def loss(
-        self, out: ForwardOut, batch: Batch, norm: LossNorm, first: bool
+    def policy_loss(
+        self, out: ForwardOut, batch: Batch, norm: LossNorm
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        f, mask = batch.fields, batch.mask
-        nll = -f["advantages"] * out.logprobs
-        per_token = nll
-        tok = max(norm.n_tokens, 1.0)
-        parts = {"nll": normalise(nll, mask, norm)}
-        if self.cfg.kl_coef > 0:
-            kl = k3_kl(out.logprobs, f["ref_logprobs"])
-            per_token = nll + self.cfg.kl_coef * kl
-            parts["kl"] = (kl * mask).sum() / tok
-        if out.entropy is not None:
-            parts["entropy"] = (out.entropy * mask).sum() / tok
-        if first:
-            parts["logprob_mismatch"] = ((out.logprobs - f["old_logprobs"]).abs() * mask).sum() / tok
-        return normalise(per_token, mask, norm), {k: v.detach() for k, v in parts.items()}
+        """Per-token ``-A_t logp_t`` (no ratio, no clipping); KL, entropy and normalisation as GRPO's."""
+        nll = -batch.fields["advantages"] * out.logprobs
+        return nll, {"nll": normalise(nll, batch.mask, norm)}
