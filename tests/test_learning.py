@@ -267,3 +267,15 @@ def test_pi_prime_targets_join_the_round_records(warm, tmp_path):
     for r in pi:  # each trains one step's tokens with 0.5·(π′ − p)
         trained = [a for a, m in zip(r["advantages"], r["loss_mask"]) if m]
         assert trained and all(a == pytest.approx(0.5 * (r["target"] - r["prior"])) for a in trained)
+
+
+def test_eval_every_skips_evaluation_between_marks_but_not_the_last_round(warm, tmp_path):
+    cfg = load_config(None, warm + ["rounds.num_rounds=3", "rounds.eval_every=2", "train.steps=1",
+                                    f"output.dir={tmp_path}"])  # fmt: skip
+    rows = run_train(cfg)["rounds"]
+    # rounds 0 (start), 2 (a mark) and 3 (the last) are evaluated; round 1 records only its search and training
+    assert [("eval" in r) for r in rows] == [True, False, True, True]
+    assert rows[1]["optimizer_steps"] == 1 and "generated_tokens" in rows[1]
+    assert (
+        not (tmp_path / "round-01" / "eval.json").exists() and (tmp_path / "round-02" / "eval.json").exists()
+    )

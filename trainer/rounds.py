@@ -233,6 +233,50 @@ def _check_lengths(run: Run, train_rows, train_prompts: list, eval_prompts: list
         )  # fmt: skip
 
 
+def _train_round(run: Run, rdir: Path, r: int) -> dict:
+    """Round ``r``'s training stage, checked (finite weights; replicas equal under DDP) and checkpointed."""
+    record = train_stage(run, rdir)
+    run.check_finite(f"after round {r}'s training")
+    if run.topo.world > 1 and not (run.engine and is_zero3(run.engine.accelerator)):
+        # replicated weights (DDP): all ranks trained one model
+        run.topo.check_same(f"the weights after round {r}", weights_digest(run.model))
+    record["checkpoint"] = run.save(rdir / "checkpoint")
+    return record
+
+
+def _eval_round(
+    run: Run, rdir: Path, r: int, eval_prompts: list, eval_rows
+) -> tuple[dict, tuple[str, str] | None]:
+    """Round ``r``'s row (recorded in ``stages.json``) and, when the run stops after it, why and which setting said
+    so (None: it goes on).
+
+    Rounds between ``rounds.eval_every`` marks only record their search and training; the others evaluate the
+    held-out split (and health metrics); ``train.on_collapse`` / ``eval.on_forgetting`` = stop end the run here."""
+    cfg, stages = run.cfg, run.stages
+    done = {**(stages.get(f"round-{r}/search") or {}), **(stages.get(f"round-{r}/train") or {})}
+    collapsed = done.get("collapse") if cfg.train.on_collapse == "stop" else None
+    if 0 < r < cfg.rounds.num_rounds and r % cfg.rounds.eval_every and not collapsed:
+        row = {"round": r, **done}  # rounds.eval_every: a training-only round
+        stages.finish(f"round-{r}/eval", row)
+        return row, None
+    start = time.perf_counter()
+    with run.policy() as policy:
+        evals = evaluate_policy(
+            policy, run.tokenizer, run.task, eval_prompts, cfg, seed=cfg.seed, topo=run.topo
+        )
+        row = {"round": r, "eval": evals, "eval_time_s": time.perf_counter() - start}
+        if cfg.eval.health:
+            row.update(health_stage(run, policy, eval_prompts, eval_rows, stages))
+    row.update(done)
+    forgot = _forgetting(run, row, stages.get("round-0/eval"))
+    if run.topo.is_main:
+        write_json_atomic(rdir / "eval.json", row)
+    stages.finish(f"round-{r}/eval", row)
+    if collapsed:
+        return row, ("; ".join(collapsed), "train.on_collapse")
+    return row, ("retained accuracy fell past the threshold", "eval.on_forgetting") if forgot else None
+
+
 def run_train(cfg: RecipeConfig) -> dict:
     """Run a recipe end to end (resumable); returns the summary written to ``summary.json``.
 
@@ -280,47 +324,13 @@ def run_train(cfg: RecipeConfig) -> dict:
             prompts = _round_prompts(cfg, train_prompts, r)
             stages.finish(f"round-{r}/search", search_stage(run, prompts, rdir, cfg.seed * 1000 + r))
         if r > 0 and stages.get(f"round-{r}/train") is None:
-            record = train_stage(run, rdir)
-            run.check_finite(f"after round {r}'s training")
-            if run.topo.world > 1 and not (run.engine and is_zero3(run.engine.accelerator)):
-                # replicated weights (DDP): all ranks trained one model
-                run.topo.check_same(f"the weights after round {r}", weights_digest(run.model))
-            record["checkpoint"] = run.save(rdir / "checkpoint")
-            stages.finish(f"round-{r}/train", record)
-        row = stages.get(f"round-{r}/eval")
-        collapsed = (
-            (stages.get(f"round-{r}/train") or {}).get("collapse")
-            if cfg.train.on_collapse == "stop"
-            else None
-        )
-        if row is None and 0 < r < cfg.rounds.num_rounds and r % cfg.rounds.eval_every and not collapsed:
-            row = {
-                "round": r,
-                **(stages.get(f"round-{r}/search") or {}),
-                **(stages.get(f"round-{r}/train") or {}),
-            }
-            stages.finish(f"round-{r}/eval", row)  # rounds.eval_every: a training-only round
+            stages.finish(f"round-{r}/train", _train_round(run, rdir, r))
+        row, stop = stages.get(f"round-{r}/eval"), None
         if row is None:
-            start = time.perf_counter()
-            with run.policy() as policy:
-                evals = evaluate_policy(
-                    policy, tokenizer, run.task, eval_prompts, cfg, seed=cfg.seed, topo=topo
-                )
-                row = {"round": r, "eval": evals, "eval_time_s": time.perf_counter() - start}
-                if cfg.eval.health:
-                    row.update(health_stage(run, policy, eval_prompts, eval_rows, stages))
-            for stage in ("search", "train"):
-                row.update(stages.get(f"round-{r}/{stage}") or {})
-            stop = _forgetting(run, row, stages.get("round-0/eval"))
-            if topo.is_main:
-                write_json_atomic(rdir / "eval.json", row)
-            stages.finish(f"round-{r}/eval", row)
-            if stop or collapsed:
-                why = "; ".join(collapsed) if collapsed else "retained accuracy fell past the threshold"
-                knob = "train.on_collapse" if collapsed else "eval.on_forgetting"
-                log.warning("round %d: %s; stopping (%s=stop; the same command resumes with round %d)",
-                            r, why, knob, r + 1)  # fmt: skip
-                report.round(row, rdir)
-                break
+            row, stop = _eval_round(run, rdir, r, eval_prompts, eval_rows)
         report.round(row, rdir)
+        if stop:
+            log.warning("round %d: %s; stopping (%s=stop; the same command resumes with round %d)",
+                        r, *stop, r + 1)  # fmt: skip
+            break
     return report.finish(stages.get("warm_start"))
