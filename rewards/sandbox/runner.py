@@ -245,7 +245,8 @@ def _run_once(
         res.release()
     result = _verdict(bufs, totals, timed_out, timeout_s, time.monotonic() - t0, max_output_bytes, mode)
     result.memory_cap = "rlimit" if group is None else "cgroup"
-    if oom and not result.ok and result.killed_by_signal is not None:
+    if oom:  # the kernel killed a process of the sandbox (maybe a child, while the main one exited 0): not ok
+        result.ok = False
         result.error = (
             f"memory limit exceeded: the sandbox's {group.limit_bytes >> 20} MiB (killed by the kernel)"
         )
