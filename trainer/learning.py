@@ -85,7 +85,7 @@ def collapse_report(trees: Sequence[Tree], records: Sequence[dict], history: Seq
     """Reasons this round cannot teach the policy (empty when it can); see module doc."""
     reasons = []
     if records and "advantages" in records[0]:
-        nonzero = sum(1 for r in records for a, m in zip(r["advantages"], r.get("loss_mask") or r["advantages"])
+        nonzero = sum(1 for r in records for a, m in zip(r["advantages"], r.get("loss_mask") or [1] * len(r["advantages"]))
                       if m and a != 0)  # fmt: skip
         if nonzero == 0:
             reasons.append("no trained token has a non-zero advantage")

@@ -223,9 +223,9 @@ def _train_engine(run: Run, trees: list, rdir: Path) -> dict:
     the engine. ``train.control``: ``random_reward`` trains on the same trees with coin-flip rewards,
     ``zero_update`` compiles and records the signals but takes no optimiser step.
     """
-    t = run.cfg.train
+    t, r = run.cfg.train, int(rdir.name.removeprefix("round-"))  # the round number, from its directory
     if t.control == "random_reward":
-        trees, p = randomise_rewards(trees, np.random.default_rng([run.cfg.seed, int(rdir.name[-2:]), 7]))
+        trees, p = randomise_rewards(trees, np.random.default_rng([run.cfg.seed, r, 7]))
         log.info("random-reward control: leaf rewards replaced by coin flips at p=%.3f", p)
     records = _compile(run, trees)
     _write_signals(run, rdir, records)
@@ -235,7 +235,7 @@ def _train_engine(run: Run, trees: list, rdir: Path) -> dict:
         return {"control": "zero_update"}
     engine = _engine(run, rdir)
     engine.set_peak_lr(t.learning_rate)
-    history = TRAINERS[t.algo](engine, seed=run.cfg.seed * 1000 + int(rdir.name[-2:])).train(
+    history = TRAINERS[t.algo](engine, seed=run.cfg.seed * 1000 + r).train(
         records, checkpoint_dir=rdir / "trainer"
     )
     if (
